@@ -1,0 +1,1 @@
+"""NIC drivers on the device seam: one module per NIC family."""
