@@ -34,6 +34,7 @@
 #define REG_RSSRK 0x05C80
 #define REG_RAL 0x0A200 /* canonical RAR block, 128 entries; 0x5400 aliases 0..15 */
 #define RAH_AV 0x80000000u
+#define REG_RXPBSIZE0 0x03C00 /* packet buffer 0 size: KB in bits 19:10 */
 #define REG_RQSMR 0x02300
 #define REG_TQSM 0x08600
 #define RXDCTL_ENABLE (1u << 25)
@@ -210,7 +211,6 @@ struct model *model_new(uint32_t nports)
         p->m = m;
         p->index = i;
         p->tap_fd = -1;
-        p->pb_capacity = 0x80000;
         m->ports[i] = p;
     }
     return m;
@@ -304,6 +304,7 @@ static void refresh_config(struct model_port *p)
         p->max_frame = mfs > MAX_FRAME ? MAX_FRAME : mfs;
     }
     p->fctrl = R(p, REG_FCTRL);
+    p->pb_capacity = R(p, REG_RXPBSIZE0) & 0xFFC00u;
     p->mrqc = R(p, REG_MRQC);
     p->rss = (p->mrqc & 0xF) == 1; /* MRQE = 0001: RSS only (§A.9) */
     p->pcsd = !!(R(p, REG_RXCSUM) & RXCSUM_PCSD);

@@ -331,7 +331,6 @@ class TrafficEndpoint:
         self._t = lib.model_wire_traffic(port._p)
         if self._t == ffi.NULL:
             raise MemoryError("cannot allocate the traffic endpoint")
-        self.configure()
 
     def configure(self, *, size: int = 60, flows: int = 1, count: int = 0, rate: int = 0, burst: int = 32,
                   window: int = 0, dst_mac: bytes | None = None, src_mac: bytes | None = None,
@@ -442,6 +441,7 @@ class ModelNic:
         self._forget(port)
         endpoint = TrafficEndpoint(self, port)
         self._traffic[port.index] = endpoint
+        endpoint.configure()
         return endpoint
 
     def attach_tap(self, port: ModelPort, fd: int) -> None:
