@@ -1,0 +1,67 @@
+"""cffi API-mode builder of `ixyd._datapath` (the per-packet C code in this directory).
+
+setup.py picks up `ffibuilder`. Run this file directly to build the module in place for
+development: the extension is compiled under build/cffi and copied into ixyd/.
+
+The cdef is the marked block of datapath.h, so the Python view and the C header cannot
+drift apart; cffi also checks each struct's size and field offsets against the compiler's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import cffi
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HEADER = os.path.join(HERE, "datapath.h")
+SOURCE = os.path.join(HERE, "datapath.c")
+MODULE = "ixyd._datapath"
+# Portable code: no -march=native, the module must run on any x86-64 (or other LE) host.
+COMPILE_ARGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra"]
+
+_CDEF_BEGIN = "/* --- cffi cdef begin --- */"
+_CDEF_END = "/* --- cffi cdef end --- */"
+
+
+def read_cdef(header: str = HEADER) -> str:
+    """Return the declarations between the cdef markers of the header."""
+    with open(header, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        start = text.index(_CDEF_BEGIN) + len(_CDEF_BEGIN)
+        end = text.index(_CDEF_END, start)
+    except ValueError as exc:
+        raise RuntimeError(f"{header}: cffi cdef markers not found") from exc
+    return text[start:end]
+
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(read_cdef())
+ffibuilder.set_source(
+    MODULE,
+    '#include "datapath.h"',
+    # Absolute paths: cffi's compile() changes into its tmpdir before compiling.
+    sources=[SOURCE],
+    include_dirs=[HERE],
+    depends=[HEADER],
+    extra_compile_args=COMPILE_ARGS,
+)
+
+
+def build_in_place() -> str:
+    """Compile into <project>/build/cffi and copy the module next to ixyd's sources."""
+    package_dir = os.path.dirname(HERE)
+    build_dir = os.path.join(os.path.dirname(package_dir), "build", "cffi")
+    os.makedirs(build_dir, exist_ok=True)
+    built = ffibuilder.compile(tmpdir=build_dir, verbose=False)
+    target = os.path.join(package_dir, os.path.basename(built))
+    shutil.copyfile(built, target + ".tmp")
+    os.replace(target + ".tmp", target)  # atomic: a running process keeps its old mapping
+    return target
+
+
+if __name__ == "__main__":
+    print(build_in_place(), file=sys.stderr)

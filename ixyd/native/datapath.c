@@ -1,0 +1,444 @@
+/* ixyd datapath: the code that touches every packet.
+ *
+ * Ring mechanics follow the 82599 datasheet (rev 3.3) sections 1.8 and 7.1/7.2 as ixy
+ * implements them, with two changes for a long-running daemon (anchors.md 2.6): an empty
+ * pool, a multi-descriptor frame or a MAC error drop the frame and count it instead of
+ * exiting, and TX sets RS only on every 32nd descriptor (DPDK's tx_rs_thresh) so the
+ * device writes back one descriptor per clean-up batch instead of all of them.
+ *
+ * Memory ordering: the device is either hardware or the model's thread in this process.
+ * RX status is read with an acquire load (the write-back fields and the frame are valid
+ * only once DD is seen); RDT and TDT are written with one release store per batch after
+ * plain volatile descriptor stores. Descriptors are little-endian, like the host.
+ */
+#include "datapath.h"
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "descriptors are little-endian and are accessed without byte swaps"
+#endif
+
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+#define RING_MAX 8192                  /* DPDK's limit (nic-facts B.5) */
+#define RX_RING_MIN 8                  /* RDLEN must be a multiple of 128 bytes (8 descs) */
+#define TX_RING_MIN 64                 /* two clean-up batches */
+
+/* Advanced RX descriptor (nic-facts B.1, B.2). Read and write-back
+ * formats share the 16 bytes: writing hdr_addr = 0 also clears DD. */
+union rx_desc {
+    struct { uint64_t pkt_addr, hdr_addr; } read;
+    struct {
+        uint32_t lo;                   /* RSS type 3:0, packet type 16:4 */
+        uint32_t rss_hash;
+        uint32_t status_error;
+        uint16_t length, vlan;
+    } wb;
+};
+#define RX_STAT_DD  0x00000001u
+#define RX_STAT_EOP 0x00000002u
+#define RX_ERR_RXE  0x20000000u        /* any MAC error (bit 29) */
+
+/* Advanced TX data descriptor (nic-facts B.3, B.4). */
+union tx_desc {
+    struct { uint64_t buffer_addr; uint32_t cmd_type_len, olinfo_status; } read;
+    struct { uint64_t reserved; uint32_t nxtseq_seed, status; } wb;
+};
+#define TX_DTYP_DATA 0x00300000u
+#define TX_CMD_EOP   0x01000000u
+#define TX_CMD_IFCS  0x02000000u
+#define TX_CMD_RS    0x08000000u
+#define TX_CMD_DEXT  0x20000000u
+#define TX_CMD_DATA  (TX_DTYP_DATA | TX_CMD_EOP | TX_CMD_IFCS | TX_CMD_DEXT)
+#define TX_PAYLEN_SHIFT 14
+#define TX_STAT_DD   0x00000001u
+
+_Static_assert(sizeof(union rx_desc) == 16, "RX descriptor is 16 bytes");
+_Static_assert(sizeof(union tx_desc) == 16, "TX descriptor is 16 bytes");
+_Static_assert(offsetof(union rx_desc, wb.status_error) == 8, "RX status at byte 8");
+_Static_assert(offsetof(union rx_desc, wb.length) == 12, "RX length at byte 12");
+_Static_assert(offsetof(union tx_desc, wb.status) == 12, "TX DD in the dword at byte 12");
+
+static inline int is_pow2(uint32_t x) { return x && !(x & (x - 1)); }
+
+/* ---------------------------------------------------------------- mempool */
+
+int ixyd_mempool_init(struct ixyd_mempool *mp, void *base, uint64_t base_iova,
+                      uint32_t entry_size, uint32_t count, uint32_t *stack)
+{
+    /* 128-byte alignment for every entry (and so every data[]): 82599 DMA, ixy memory.c.
+     * 256 bytes at least: the headroom and 128 bytes of data. */
+    if (!mp || !base || !stack || count == 0 || entry_size < 256 || entry_size % 128 ||
+        (uintptr_t)base % 128 || base_iova % 128)
+        return -1;
+    mp->base = base;
+    mp->base_iova = base_iova;
+    mp->entry_size = entry_size;
+    mp->count = count;
+    mp->free_stack = stack;
+    for (uint32_t i = 0; i < count; i++) {
+        struct ixyd_pkt *p = (struct ixyd_pkt *)(mp->base + (uint64_t)i * entry_size);
+        p->data_iova = base_iova + (uint64_t)i * entry_size + IXYD_PKT_HEADROOM;
+        p->pool = mp;
+        p->index = i;
+        p->len = 0;
+        p->reserved = 0;
+        p->rss_hash = 0;
+        p->rx_info = 0;
+        stack[i] = count - 1 - i;      /* entry 0 on top: allocation starts at the base */
+    }
+    mp->free_top = count;
+    return 0;
+}
+
+static inline struct ixyd_pkt *entry(const struct ixyd_mempool *mp, uint32_t index)
+{
+    return (struct ixyd_pkt *)(mp->base + (uint64_t)index * mp->entry_size);
+}
+
+uint32_t ixyd_pkt_alloc_bulk(struct ixyd_mempool *mp, struct ixyd_pkt **out, uint32_t n)
+{
+    uint32_t top = mp->free_top;
+    if (n > top)
+        return 0;                      /* all or nothing */
+    for (uint32_t k = 0; k < n; k++)
+        out[k] = entry(mp, mp->free_stack[--top]);
+    mp->free_top = top;
+    return n;
+}
+
+/* Push each buffer onto its own pool, keeping the current pool's stack top in a
+ * register: consecutive buffers almost always share a pool. */
+static inline void free_bulk(struct ixyd_pkt *const *pkts, uint32_t n)
+{
+    struct ixyd_mempool *mp = NULL;
+    uint32_t *sp = NULL;
+    for (uint32_t k = 0; k < n; k++) {
+        struct ixyd_pkt *p = pkts[k];
+        if (unlikely(p->pool != mp)) {
+            if (mp)
+                mp->free_top = (uint32_t)(sp - mp->free_stack);
+            mp = p->pool;
+            sp = mp->free_stack + mp->free_top;
+        }
+        *sp++ = p->index;
+    }
+    if (mp)
+        mp->free_top = (uint32_t)(sp - mp->free_stack);
+}
+
+void ixyd_pkt_free_bulk(struct ixyd_pkt **pkts, uint32_t n) { free_bulk(pkts, n); }
+
+void ixyd_pkt_free(struct ixyd_pkt *p) { p->pool->free_stack[p->pool->free_top++] = p->index; }
+
+/* ---------------------------------------------------------------- RX */
+
+static inline void rx_arm(volatile union rx_desc *d, uint64_t iova)
+{
+    d->read.pkt_addr = iova;
+    d->read.hdr_addr = 0;              /* bit 0 aliases DD: must be clear (nic-facts B.1) */
+}
+
+int ixyd_rxq_init(struct ixyd_rxq *q, void *ring, volatile uint32_t *rdt,
+                  struct ixyd_pkt **slots, struct ixyd_mempool *pool, uint32_t size)
+{
+    if (!q || !ring || !rdt || !slots || !pool || !is_pow2(size) || size < RX_RING_MIN ||
+        size > RING_MAX)
+        return -1;
+    if (ixyd_pkt_alloc_bulk(pool, slots, size) != size)
+        return -1;
+    *q = (struct ixyd_rxq){.ring = ring, .rdt = rdt, .slots = slots, .pool = pool, .size = size};
+    volatile union rx_desc *descs = (volatile union rx_desc *)q->ring;
+    for (uint32_t i = 0; i < size; i++)
+        rx_arm(&descs[i], slots[i]->data_iova);
+    return 0;
+}
+
+/* One compare decides the fast path: (status & RX_CHECK) == expect. expect is RX_GOOD
+ * (DD, EOP, no MAC error) normally and RX_IN_MULTI while the rest of a multi-descriptor
+ * frame is discarded; RX_IN_MULTI lacks DD, so it never matches a completed descriptor
+ * and every one of them takes the slow path until the frame's EOP. */
+#define RX_CHECK    (RX_STAT_DD | RX_STAT_EOP | RX_ERR_RXE)
+#define RX_GOOD     (RX_STAT_DD | RX_STAT_EOP)
+#define RX_IN_MULTI RX_STAT_EOP
+
+/* The batch loop, instantiated twice: pool_may_run_dry = 0 when the pool holds at least
+ * max buffers (one check per batch, none per packet), 1 otherwise. The ring is walked
+ * with pointers in at most two runs (up to the end of the ring, then from its start), so
+ * no index is masked per packet. Replacements are popped inline from the pool's stack,
+ * and a fresh buffer's IOVA is computed rather than read from its header, so the CPU
+ * never touches a replacement buffer. */
+static inline __attribute__((always_inline)) uint32_t
+rx_loop(struct ixyd_rxq *q, struct ixyd_pkt **out, uint32_t max, const int pool_may_run_dry)
+{
+    volatile union rx_desc *ring = (volatile union rx_desc *)q->ring;
+    volatile union rx_desc *ring_end = ring + q->size, *d = ring + q->next;
+    struct ixyd_pkt **slot = q->slots + q->next, **outp = out;
+    struct ixyd_mempool *mp = q->pool;
+    uint32_t *stack = mp->free_stack, *sp = stack + mp->free_top;
+    uint8_t *base = mp->base;
+    uint64_t entry_size = mp->entry_size;
+    uint64_t iova_delta = mp->base_iova + IXYD_PKT_HEADROOM - (uintptr_t)base;
+    uint32_t expect = q->in_multi ? RX_IN_MULTI : RX_GOOD;
+    uint32_t left = max, dropped = 0;
+    uint64_t bytes = 0;
+
+    while (left) {
+        uint32_t run = (uint32_t)(ring_end - d) < left ? (uint32_t)(ring_end - d) : left;
+        volatile union rx_desc *run_end = d + run;
+        left -= run;
+        for (; d != run_end; d++, slot++) {
+            uint32_t status = __atomic_load_n(&d->wb.status_error, __ATOMIC_ACQUIRE);
+            struct ixyd_pkt *pkt = *slot;
+            if (unlikely((status & RX_CHECK) != expect || (pool_may_run_dry && sp == stack))) {
+                if (!(status & RX_STAT_DD))
+                    goto done;
+                /* Drop: the buffer goes straight back to its descriptor. A frame that
+                 * spans several descriptors is counted once, at its EOP descriptor. */
+                if (expect == RX_IN_MULTI) {
+                    if (status & RX_STAT_EOP) {
+                        expect = RX_GOOD;
+                        q->stats.drop_multi_descriptor++;
+                    }
+                } else if (!(status & RX_STAT_EOP)) {
+                    expect = RX_IN_MULTI;
+                } else if (status & RX_ERR_RXE) {
+                    q->stats.drop_errors++;
+                } else {
+                    q->stats.drop_no_buffer++;
+                }
+                rx_arm(d, pkt->data_iova);
+                dropped++;
+                continue;
+            }
+            uint8_t *fresh = base + *--sp * entry_size;
+            uint64_t info = d->read.pkt_addr;      /* write-back lo and rss_hash at once */
+            uint16_t len = d->wb.length;
+            pkt->len = len;
+            pkt->rss_hash = (uint32_t)(info >> 32);
+            pkt->rx_info = (uint32_t)info;
+            bytes += len;
+            *outp++ = pkt;
+            *slot = (struct ixyd_pkt *)fresh;
+            rx_arm(d, (uintptr_t)fresh + iova_delta);
+        }
+        if (d == ring_end) {
+            d = ring;
+            slot = q->slots;
+        }
+    }
+done:;
+    uint32_t n = (uint32_t)(outp - out);
+    if (n + dropped) {
+        uint32_t next = (uint32_t)(d - ring);
+        mp->free_top = (uint32_t)(sp - stack);
+        q->next = next;
+        q->in_multi = expect == RX_IN_MULTI;
+        q->stats.packets += n;
+        q->stats.bytes += bytes;
+        /* Hand the descriptors back, staying one behind: RDT == RDH means "no free
+         * descriptor" to the device (nic-facts B.5; ixy ixgbe_rx_batch). */
+        __atomic_store_n(q->rdt, (next - 1) & (q->size - 1), __ATOMIC_RELEASE);
+    }
+    return n;
+}
+
+uint32_t ixyd_rx_batch(struct ixyd_rxq *q, struct ixyd_pkt **out, uint32_t max)
+{
+    if (likely(q->pool->free_top >= max))
+        return rx_loop(q, out, max, 0);
+    return rx_loop(q, out, max, 1);
+}
+
+/* Shutdown, after the queue is disabled. The descriptors still point at the buffers, so
+ * the queue must be set up again with ixyd_rxq_init before it is enabled. */
+uint32_t ixyd_rxq_free_all(struct ixyd_rxq *q)
+{
+    uint32_t freed = 0;
+    for (uint32_t i = 0; i < q->size; i++) {
+        if (q->slots[i]) {
+            ixyd_pkt_free(q->slots[i]);
+            q->slots[i] = NULL;
+            freed++;
+        }
+    }
+    return freed;
+}
+
+/* ---------------------------------------------------------------- TX */
+
+int ixyd_txq_init(struct ixyd_txq *q, void *ring, volatile uint32_t *tdt,
+                  struct ixyd_pkt **slots, uint32_t size)
+{
+    if (!q || !ring || !tdt || !slots || !is_pow2(size) || size < TX_RING_MIN ||
+        size > RING_MAX)
+        return -1;
+    *q = (struct ixyd_txq){.ring = ring, .tdt = tdt, .slots = slots, .size = size};
+    for (uint32_t i = 0; i < size; i++)
+        slots[i] = NULL;
+    return 0;
+}
+
+/* Reclaim sent buffers in groups of IXYD_TX_CLEAN_BATCH. RS is set only on the last
+ * descriptor of each group, and with WTHRESH = 0 the device writes DD only where RS is set,
+ * so DD there proves the whole group is done. clean is always a multiple of 32 and the
+ * ring size too, so a group never wraps. Clean the whole group or nothing. */
+static inline uint32_t tx_clean(struct ixyd_txq *q)
+{
+    volatile union tx_desc *ring = (volatile union tx_desc *)q->ring;
+    uint32_t mask = q->size - 1, clean = q->clean, tail = q->tail, freed = 0;
+    while (((tail - clean) & mask) >= IXYD_TX_CLEAN_BATCH) {
+        volatile union tx_desc *last = &ring[clean + IXYD_TX_CLEAN_BATCH - 1];
+        if (!(__atomic_load_n(&last->wb.status, __ATOMIC_ACQUIRE) & TX_STAT_DD))
+            break;
+        free_bulk(&q->slots[clean], IXYD_TX_CLEAN_BATCH);
+        clean = (clean + IXYD_TX_CLEAN_BATCH) & mask;
+        freed += IXYD_TX_CLEAN_BATCH;
+    }
+    q->clean = clean;
+    return freed;
+}
+
+/* Fill n consecutive descriptors (no wrap inside); returns their bytes. */
+static inline uint64_t tx_fill(volatile union tx_desc *d, struct ixyd_pkt **slot,
+                               struct ixyd_pkt *const *pkts, uint32_t n)
+{
+    uint64_t bytes = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        struct ixyd_pkt *p = pkts[k];
+        uint32_t len = p->len;
+        slot[k] = p;
+        d[k].read.buffer_addr = p->data_iova;
+        d[k].read.cmd_type_len = TX_CMD_DATA | len;
+        d[k].read.olinfo_status = len << TX_PAYLEN_SHIFT;   /* also clears a stale DD */
+        bytes += len;
+    }
+    return bytes;
+}
+
+uint32_t ixyd_tx_batch(struct ixyd_txq *q, struct ixyd_pkt **pkts, uint32_t n)
+{
+    tx_clean(q);
+    volatile union tx_desc *ring = (volatile union tx_desc *)q->ring;
+    uint32_t mask = q->size - 1, tail = q->tail;
+    uint32_t room = (q->clean - tail - 1) & mask;   /* full when next tail == clean */
+    if (n > room)
+        n = room;
+    if (n == 0)
+        return 0;
+    uint32_t first = q->size - tail < n ? q->size - tail : n;   /* up to the ring's end */
+    uint64_t bytes = tx_fill(ring + tail, q->slots + tail, pkts, first);
+    if (first < n)
+        bytes += tx_fill(ring, q->slots, pkts + first, n - first);
+    /* RS on descriptors with index & 31 == 31 only: about one per batch, so it is set
+     * afterwards instead of being computed for every packet. */
+    for (uint32_t k = ~tail & (IXYD_TX_CLEAN_BATCH - 1); k < n; k += IXYD_TX_CLEAN_BATCH)
+        ring[(tail + k) & mask].read.cmd_type_len |= TX_CMD_RS;
+    tail = (tail + n) & mask;
+    q->tail = tail;
+    q->stats.packets += n;
+    q->stats.bytes += bytes;
+    __atomic_store_n(q->tdt, tail, __ATOMIC_RELEASE);
+    return n;
+}
+
+uint32_t ixyd_txq_reclaim(struct ixyd_txq *q) { return tx_clean(q); }
+
+/* Shutdown, after the queue is disabled: the device will not read these buffers again,
+ * DD or not. The ring restarts at 0 (clean stays a multiple of 32); the driver resets
+ * TDH and TDT before it enables the queue again. */
+uint32_t ixyd_txq_free_all(struct ixyd_txq *q)
+{
+    uint32_t mask = q->size - 1, freed = 0;
+    for (uint32_t i = q->clean; i != q->tail; i = (i + 1) & mask) {
+        ixyd_pkt_free(q->slots[i]);
+        q->slots[i] = NULL;
+        freed++;
+    }
+    q->clean = q->tail = 0;
+    return freed;
+}
+
+/* ---------------------------------------------------------------- forwarding */
+
+/* Relaxed atomic stores compile to plain 64-bit moves; they keep the compiler from
+ * deferring the publication to the end of the loop. */
+#define PUBLISH(dst, v) __atomic_store_n(&(dst), (v), __ATOMIC_RELAXED)
+
+static inline void publish(struct ixyd_fwd_stats *st, const struct ixyd_fwd_stats *acc)
+{
+    PUBLISH(st->packets, acc->packets);
+    PUBLISH(st->bytes, acc->bytes);
+    PUBLISH(st->drop_tx_full, acc->drop_tx_full);
+    PUBLISH(st->iterations, acc->iterations);
+    PUBLISH(st->empty_polls, acc->empty_polls);
+}
+
+/* One poll: receive, touch each frame as ixy-fwd does (so the data is really read and
+ * written), send, and drop what the TX ring has no room for ("better to drop them,
+ * otherwise we accumulate latency" - ixy-fwd). */
+static inline void forward_once(struct ixyd_rxq *rx, struct ixyd_txq *tx, uint32_t batch,
+                                struct ixyd_pkt **bufs, struct ixyd_fwd_stats *acc)
+{
+    uint32_t n = ixyd_rx_batch(rx, bufs, batch);
+    acc->iterations++;
+    if (n == 0) {
+        acc->empty_polls++;
+        return;
+    }
+    for (uint32_t k = 0; k < n; k++)
+        bufs[k]->data[1]++;
+    uint64_t tx_bytes = tx->stats.bytes;
+    uint32_t sent = ixyd_tx_batch(tx, bufs, n);
+    if (unlikely(sent < n)) {
+        free_bulk(&bufs[sent], n - sent);
+        acc->drop_tx_full += n - sent;
+    }
+    acc->packets += sent;
+    acc->bytes += tx->stats.bytes - tx_bytes;
+}
+
+static inline uint32_t clamp_batch(uint32_t batch)
+{
+    return batch == 0 ? 1 : batch > IXYD_MAX_BATCH ? IXYD_MAX_BATCH : batch;
+}
+
+uint64_t ixyd_forward(struct ixyd_rxq *rx, struct ixyd_txq *tx, uint32_t batch,
+                      volatile uint32_t *stop, struct ixyd_fwd_stats *st)
+{
+    struct ixyd_pkt *bufs[IXYD_MAX_BATCH];
+    struct ixyd_fwd_stats acc = *st;
+    uint64_t start = acc.packets;
+    batch = clamp_batch(batch);
+    while (!__atomic_load_n(stop, __ATOMIC_RELAXED)) {
+        forward_once(rx, tx, batch, bufs, &acc);
+        publish(st, &acc);
+    }
+    return acc.packets - start;
+}
+
+uint64_t ixyd_forward_iterations(struct ixyd_rxq *rx, struct ixyd_txq *tx, uint32_t batch,
+                                 uint64_t iterations, struct ixyd_fwd_stats *st)
+{
+    struct ixyd_pkt *bufs[IXYD_MAX_BATCH];
+    struct ixyd_fwd_stats acc = *st;
+    uint64_t start = acc.packets;
+    batch = clamp_batch(batch);
+    for (uint64_t it = 0; it < iterations; it++) {
+        forward_once(rx, tx, batch, bufs, &acc);
+        publish(st, &acc);
+    }
+    return acc.packets - start;
+}
+
+/* ---------------------------------------------------------------- MMIO */
+
+uint32_t ixyd_mmio_read32(volatile uint32_t *bar, uint32_t offset)
+{
+    return bar[offset / sizeof(uint32_t)];
+}
+
+void ixyd_mmio_write32(volatile uint32_t *bar, uint32_t offset, uint32_t value)
+{
+    bar[offset / sizeof(uint32_t)] = value;
+}
