@@ -338,7 +338,8 @@ class TrafficEndpoint:
         """Set up the generator.
 
         size: frame length without FCS (60 = a 64-byte frame on the wire); flows: number of
-        UDP flows (source address and port vary); count: frames to send (0 = no limit);
+        UDP flows (source address and port vary); count: frames to send over the endpoint's
+        lifetime (0 = no limit);
         rate: frames per second (0 = `burst` frames per engine step); window: at most this
         many frames in flight towards the paired checker (0 = open loop).
         """
