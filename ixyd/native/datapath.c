@@ -383,6 +383,10 @@ static inline void forward_once(struct ixyd_rxq *rx, struct ixyd_txq *tx, uint32
     uint32_t n = ixyd_rx_batch(rx, bufs, batch);
     acc->iterations++;
     if (n == 0) {
+        /* Reclaim sent buffers even when nothing arrives: when the RX pool has run dry,
+         * rx_batch drops everything and returns 0, and only this refills the pool
+         * (otherwise the loop never calls tx_batch again and stays stuck). */
+        tx_clean(tx);
         acc->empty_polls++;
         return;
     }
