@@ -22,13 +22,25 @@ def _cdef_from_header(path: str) -> str:
     return "\n".join(lines)
 
 
+# setuptools (pip install) builds from the project root and refuses absolute source paths;
+# the in-place build below goes through cffi's compile(), which changes into its tmpdir
+# first, so it needs absolute ones.
+_IN_PLACE = __name__ == "__main__"
+_ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def _path(path: str) -> str:
+    return path if _IN_PLACE else os.path.relpath(path, _ROOT)
+
+
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_from_header(os.path.join(HERE, "engine.h")))
 ffibuilder.set_source(
     "ixyd.model._engine",
     '#include "engine.h"',
-    sources=[os.path.join(HERE, "engine.c")],
-    include_dirs=[HERE],
+    sources=[_path(os.path.join(HERE, "engine.c"))],
+    depends=[_path(os.path.join(HERE, "engine.h"))],
+    include_dirs=[_path(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     libraries=["pthread"],
 )

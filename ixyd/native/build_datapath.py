@@ -38,15 +38,25 @@ def read_cdef(header: str = HEADER) -> str:
     return text[start:end]
 
 
+# setuptools (pip install) builds from the project root and refuses absolute source paths;
+# the in-place build below goes through cffi's compile(), which changes into its tmpdir
+# first, so it needs absolute ones.
+_IN_PLACE = __name__ == "__main__"
+_ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def _path(path: str) -> str:
+    return path if _IN_PLACE else os.path.relpath(path, _ROOT)
+
+
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(read_cdef())
 ffibuilder.set_source(
     MODULE,
     '#include "datapath.h"',
-    # Absolute paths: cffi's compile() changes into its tmpdir before compiling.
-    sources=[SOURCE],
-    include_dirs=[HERE],
-    depends=[HEADER],
+    sources=[_path(SOURCE)],
+    include_dirs=[_path(HERE)],
+    depends=[_path(HEADER)],
     extra_compile_args=COMPILE_ARGS,
 )
 
