@@ -56,7 +56,9 @@ class HostMemory:
         if prefer_hugepages and free_hugepages() * HUGEPAGE_SIZE >= _align_up(size, HUGEPAGE_SIZE):
             try:
                 size = _align_up(size, HUGEPAGE_SIZE)
-                mapping = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | _MAP_HUGETLB | mmap.MAP_POPULATE)
+                mapping = mmap.mmap(
+                    -1, size, flags=mmap.MAP_SHARED | _MAP_HUGETLB | mmap.MAP_POPULATE
+                )
                 self.hugepages = True
             except OSError:
                 mapping = None
@@ -172,7 +174,7 @@ class DmaBuffer:
     vaddr: int
     iova: int
     size: int
-    chunk: "_Chunk" = field(repr=False)
+    chunk: _Chunk = field(repr=False)
     offset: int = field(repr=False)
 
     def view(self) -> memoryview:
@@ -202,7 +204,9 @@ class DmaMemory:
     unmapped when its last buffer is freed, and `close` unmaps everything still mapped.
     """
 
-    def __init__(self, mapper: DmaMapper, prefer_hugepages: bool = True, chunk_size: int = HUGEPAGE_SIZE):
+    def __init__(
+        self, mapper: DmaMapper, prefer_hugepages: bool = True, chunk_size: int = HUGEPAGE_SIZE
+    ):
         self._mapper = mapper
         self._iovas = IovaAllocator(mapper.valid_iova_ranges())
         self._prefer_hugepages = prefer_hugepages
@@ -229,7 +233,9 @@ class DmaMemory:
             offset = _align_up(chunk.used, alignment)
             chunk.used = offset + size
             chunk.live += 1
-            return DmaBuffer(chunk.memory.address + offset, chunk.iova + offset, size, chunk, offset)
+            return DmaBuffer(
+                chunk.memory.address + offset, chunk.iova + offset, size, chunk, offset
+            )
 
     def free(self, buffer: DmaBuffer) -> None:
         """Release a buffer; its chunk is unmapped once nothing in it is in use."""

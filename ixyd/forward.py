@@ -34,8 +34,15 @@ def check_cpu(cpu: int) -> None:
 class ForwardWorker:
     """Forward everything received on `rx` out of `tx`, touching one byte per packet."""
 
-    def __init__(self, rx: RxQueue, tx: TxQueue, *, batch: int = 32, cpu: int | None = None,
-                 name: str = "ixyd-fwd"):
+    def __init__(
+        self,
+        rx: RxQueue,
+        tx: TxQueue,
+        *,
+        batch: int = 32,
+        cpu: int | None = None,
+        name: str = "ixyd-fwd",
+    ):
         if not 1 <= batch <= lib.IXYD_MAX_BATCH:
             raise ConfigError(f"batch size must be 1..{lib.IXYD_MAX_BATCH}, got {batch}")
         if cpu is not None:
@@ -77,5 +84,5 @@ class ForwardWorker:
 
     @property
     def stats(self) -> dict[str, int]:
-        """The counters the loop publishes: packets, bytes, drop_tx_full, iterations, empty_polls."""
+        """The loop's counters: packets, bytes, drop_tx_full, iterations, empty_polls."""
         return {name: getattr(self._stats, name) for name in FWD_STATS_FIELDS}

@@ -31,14 +31,18 @@ def run(frames: int, size: int, window: int, timeout: float) -> tuple[bool, list
         ports = [IxgbePort(p, config) for p in nic.ports]
         for port in ports:
             up, speed = port.link()
-            lines.append(f"{port.dev.address}  {port.info.name}  MAC {port.mac_address}  "
-                         f"link {'up' if up else 'DOWN'} {speed} Mb/s")
+            lines.append(
+                f"{port.dev.address}  {port.info.name}  MAC {port.mac_address}  "
+                f"link {'up' if up else 'DOWN'} {speed} Mb/s"
+            )
         for i, gen in enumerate(gens):
             gen.configure(size=size, flows=64, count=frames, window=window, stream=i + 1)
         gens[0].pair(gens[1])
         gens[1].pair(gens[0])
-        workers = [ForwardWorker(ports[0].rx_queues[0], ports[1].tx_queues[0], name="fwd-0-1"),
-                   ForwardWorker(ports[1].rx_queues[0], ports[0].tx_queues[0], name="fwd-1-0")]
+        workers = [
+            ForwardWorker(ports[0].rx_queues[0], ports[1].tx_queues[0], name="fwd-0-1"),
+            ForwardWorker(ports[1].rx_queues[0], ports[0].tx_queues[0], name="fwd-1-0"),
+        ]
         for w in workers:
             w.start()
         started = time.monotonic()
@@ -55,14 +59,20 @@ def run(frames: int, size: int, window: int, timeout: float) -> tuple[bool, list
         for name, gen, checker in (("0 -> 1", gens[0], gens[1]), ("1 -> 0", gens[1], gens[0])):
             s, sent = checker.stats, gen.stats["sent"]
             lost = sent - s["unique"]
-            ok = lost == 0 and not (s["duplicates"] or s["reordered"] or s["corrupt"] or s["foreign"])
+            ok = lost == 0 and not (
+                s["duplicates"] or s["reordered"] or s["corrupt"] or s["foreign"]
+            )
             passed &= ok
-            lines.append(f"port {name}: sent {sent}, received {s['unique']}, lost {lost}, "
-                         f"duplicates {s['duplicates']}, reordered {s['reordered']}, "
-                         f"corrupt {s['corrupt']}  {'ok' if ok else 'FAILED'}")
+            lines.append(
+                f"port {name}: sent {sent}, received {s['unique']}, lost {lost}, "
+                f"duplicates {s['duplicates']}, reordered {s['reordered']}, "
+                f"corrupt {s['corrupt']}  {'ok' if ok else 'FAILED'}"
+            )
         rate = sum(w.stats["packets"] for w in workers) / elapsed / 1e6
-        lines.append(f"forwarded {sum(w.stats['packets'] for w in workers)} frames of {size} bytes in "
-                     f"{elapsed:.2f} s ({rate:.2f} Mpps, closed loop, window {window})")
+        lines.append(
+            f"forwarded {sum(w.stats['packets'] for w in workers)} frames of {size} bytes in "
+            f"{elapsed:.2f} s ({rate:.2f} Mpps, closed loop, window {window})"
+        )
         faults = nic.fault_count
         violations = [v for p in nic.ports for v in p.violations]
         lines.append(f"IOMMU faults: {faults}; programming violations: {len(violations)}")
@@ -83,10 +93,18 @@ def run(frames: int, size: int, window: int, timeout: float) -> tuple[bool, list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ixyd-selfcheck", description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=200_000, help="frames per direction (default 200000)")
-    parser.add_argument("--size", type=int, default=60, help="frame size without FCS, 60..1514 (default 60)")
-    parser.add_argument("--window", type=int, default=256, help="frames in flight per direction (default 256)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up (default 60)")
+    parser.add_argument(
+        "--frames", type=int, default=200_000, help="frames per direction (default 200000)"
+    )
+    parser.add_argument(
+        "--size", type=int, default=60, help="frame size without FCS, 60..1514 (default 60)"
+    )
+    parser.add_argument(
+        "--window", type=int, default=256, help="frames in flight per direction (default 256)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds before giving up (default 60)"
+    )
     args = parser.parse_args(argv)
     if not 60 <= args.size <= 1514:
         parser.error("--size must be 60..1514")

@@ -11,13 +11,24 @@ import struct
 import time
 
 CTRL, EEC, RDRXCTL, RXCTRL, HLREG0, FCTRL, DMATXCTL, AUTOC, LINKS = (
-    0x0, 0x10010, 0x2F00, 0x3000, 0x4240, 0x5080, 0x4A80, 0x42A0, 0x42A4)
+    0x0,
+    0x10010,
+    0x2F00,
+    0x3000,
+    0x4240,
+    0x5080,
+    0x4A80,
+    0x42A0,
+    0x42A4,
+)
 EIMC, EICR = 0x888, 0x800
 RST, LRST = 1 << 26, 1 << 3
 ENABLE = 1 << 25
 ADV_ONEBUF, DROP_EN = 0x02000000, 0x10000000
 DD, EOP = 0x1, 0x2
-TX_CMD = 0x00300000 | 0x01000000 | 0x02000000 | 0x08000000 | 0x20000000  # DTYP_DATA|EOP|IFCS|RS|DEXT
+TX_CMD = (
+    0x00300000 | 0x01000000 | 0x02000000 | 0x08000000 | 0x20000000
+)  # DTYP_DATA|EOP|IFCS|RS|DEXT
 
 
 def rx(q: int, reg: int) -> int:
@@ -47,9 +58,19 @@ def reset(dev) -> None:
 class RingPort:
     """One RX and one TX queue on a port, driven from Python."""
 
-    def __init__(self, dev, *, rx_size: int = 64, tx_size: int = 64, buf_kb: int = 2, drop_en: bool = True,
-                 strip_crc: bool = True, fctrl: int = 0x400 | 0x200 | 0x100, start_link: bool = True,
-                 queues: int = 1):
+    def __init__(
+        self,
+        dev,
+        *,
+        rx_size: int = 64,
+        tx_size: int = 64,
+        buf_kb: int = 2,
+        drop_en: bool = True,
+        strip_crc: bool = True,
+        fctrl: int = 0x400 | 0x200 | 0x100,
+        start_link: bool = True,
+        queues: int = 1,
+    ):
         self.dev = dev
         self.rx_size, self.tx_size, self.buf_size = rx_size, tx_size, buf_kb * 1024
         reset(dev)
@@ -98,7 +119,9 @@ class RingPort:
         i = self.tx_tail
         buf = self.tx_bufs[i]
         buf.view()[: len(frame)] = frame
-        struct.pack_into("<QII", self.tx_ring.view(), 16 * i, buf.iova, cmd | len(frame), len(frame) << 14)
+        struct.pack_into(
+            "<QII", self.tx_ring.view(), 16 * i, buf.iova, cmd | len(frame), len(frame) << 14
+        )
         self.tx_tail = (i + 1) % self.tx_size
         if tail:
             self.dev.write32(tx(0, 0x18), self.tx_tail)

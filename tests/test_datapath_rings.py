@@ -572,7 +572,7 @@ def test_tx_cleanup_wraps_around_the_ring_many_times():
 def test_tx_cleanup_returns_buffers_to_their_own_pools():
     a, b = Pool(64, iova=0x10_0000), Pool(64, iova=0x90_0000)
     tx = Tx([a, b], size=64)
-    pkts = [p for pair in zip(alloc(a, 16), alloc(b, 16)) for p in pair]
+    pkts = [p for pair in zip(alloc(a, 16), alloc(b, 16), strict=True) for p in pair]
     for p in pkts:
         p.len = 64
     tx.send(pkts)

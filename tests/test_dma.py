@@ -73,7 +73,7 @@ def test_buffers_are_aligned_and_every_mapping_is_released():
 def test_buffers_do_not_overlap():
     mem = DmaMemory(RecordingMapper([(0, 1 << 32)]), chunk_size=16384)
     spans = sorted((b.iova, b.iova + b.size) for b in (mem.alloc(3000) for _ in range(20)))
-    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False))
     mem.close()
 
 

@@ -3,8 +3,8 @@
 import time
 
 import pytest
-
 from ixyd._datapath import ffi, lib
+
 from ixyd.drivers.config import PortConfig
 from ixyd.drivers.ixgbe import IxgbePort
 from ixyd.errors import ConfigError, DeviceRemovedError
@@ -41,7 +41,11 @@ def bed_factory():
     beds = []
 
     def make(mode="thread", config=None, **kwargs):
-        bed = Bed(mode, config or PortConfig(rx_ring=256, tx_ring=256, pool_size=1024, link_timeout=2), **kwargs)
+        bed = Bed(
+            mode,
+            config or PortConfig(rx_ring=256, tx_ring=256, pool_size=1024, link_timeout=2),
+            **kwargs,
+        )
         beds.append(bed)
         return bed
 
@@ -59,14 +63,18 @@ def test_bidirectional_forwarding_has_zero_loss_and_zero_faults(bed_factory):
     gen_b.configure(size=300, flows=16, count=total, window=192, stream=2)
     gen_a.pair(gen_b)  # A's frames are checked where B transmits
     gen_b.pair(gen_a)
-    workers = [ForwardWorker(a.rx_queues[0], b.tx_queues[0], name="fwd-ab"),
-               ForwardWorker(b.rx_queues[0], a.tx_queues[0], name="fwd-ba")]
+    workers = [
+        ForwardWorker(a.rx_queues[0], b.tx_queues[0], name="fwd-ab"),
+        ForwardWorker(b.rx_queues[0], a.tx_queues[0], name="fwd-ba"),
+    ]
     for w in workers:
         w.start()
     gen_a.start()
     gen_b.start()
-    wait_until(lambda: gen_b.stats["unique"] == total and gen_a.stats["unique"] == total,
-               what="all frames forwarded both ways")
+    wait_until(
+        lambda: gen_b.stats["unique"] == total and gen_a.stats["unique"] == total,
+        what="all frames forwarded both ways",
+    )
     for w in workers:
         w.stop()
     for checker, generator in ((gen_b, gen_a), (gen_a, gen_b)):
@@ -97,7 +105,9 @@ def test_rings_wrap_around_hundreds_of_times(bed_factory):
     s = gen_b.stats
     assert s["gaps"] == s["duplicates"] == s["corrupt"] == 0
     assert bed.nic.fault_count == 0
-    assert a.rx_queues[0].pool.free_count + 64 + b.tx_queues[0].in_flight == 256  # every slot holds one; none lost
+    assert (
+        a.rx_queues[0].pool.free_count + 64 + b.tx_queues[0].in_flight == 256
+    )  # every slot holds one; none lost
 
 
 def test_forwarding_survives_pool_exhaustion(bed_factory):

@@ -5,20 +5,37 @@ import time
 import zlib
 
 import pytest
+from ringdriver import DD, EOP, TX_CMD, RingPort, rx, tx, wait_for
 
 from ixyd.model import ModelNic
 from ixyd.toeplitz import INTEL_DEFAULT_KEY, key_to_rssrk, rss_input_ipv4, toeplitz_hash
-from ringdriver import DD, EOP, TX_CMD, RingPort, rx, tx, wait_for
 
 HLREG0, MAXFRS, FCTRL, RXCTRL, MRQC, RXCSUM = 0x4240, 0x4268, 0x5080, 0x3000, 0x5818, 0x5000
 QPRDC0, MPC0, ROC, RUC = 0x1430, 0x3FA0, 0x40AC, 0x40A4
 
 
-def udp_frame(dst: bytes, src_ip: str = "10.1.2.3", dst_ip: str = "10.9.8.7", sport: int = 1000,
-              dport: int = 2000, payload: bytes = b"ixyd" * 10) -> bytes:
+def udp_frame(
+    dst: bytes,
+    src_ip: str = "10.1.2.3",
+    dst_ip: str = "10.9.8.7",
+    sport: int = 1000,
+    dport: int = 2000,
+    payload: bytes = b"ixyd" * 10,
+) -> bytes:
     ip_len = 20 + 8 + len(payload)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, 0, 0, 64, 17, 0,
-                     bytes(int(x) for x in src_ip.split(".")), bytes(int(x) for x in dst_ip.split(".")))
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        ip_len,
+        0,
+        0,
+        64,
+        17,
+        0,
+        bytes(int(x) for x in src_ip.split(".")),
+        bytes(int(x) for x in dst_ip.split(".")),
+    )
     udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)
     return dst + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + ip + udp + payload
 
@@ -71,7 +88,7 @@ def test_rings_wrap_around_many_times_in_order(nic):
 
 def test_full_ring_with_drop_en_counts_qprdc_drops(nic):
     A, B = cable(nic, rx_size=64, tx_size=128, drop_en=True)
-    for i in range(80):
+    for _ in range(80):
         A.send(udp_frame(B.dev.mac))
     nic.step(budget=128)
     # RDT = RDH means no free descriptor: the ring holds size - 1 frames
@@ -150,21 +167,28 @@ def test_short_frames_are_padded_to_60_bytes_with_txpaden(nic):
     assert wb["length"] == 60 and data == short + bytes(60 - len(short))
 
 
-@pytest.mark.parametrize("fctrl,accepted", [
-    (0, {"own"}),
-    (0x400, {"own", "broadcast"}),
-    (0x100, {"own", "multicast"}),
-    (0x200, {"own", "foreign"}),
-    (0x700, {"own", "broadcast", "multicast", "foreign"}),
-])
+@pytest.mark.parametrize(
+    "fctrl,accepted",
+    [
+        (0, {"own"}),
+        (0x400, {"own", "broadcast"}),
+        (0x100, {"own", "multicast"}),
+        (0x200, {"own", "foreign"}),
+        (0x700, {"own", "broadcast", "multicast", "foreign"}),
+    ],
+)
 def test_l2_filters_follow_fctrl(nic, fctrl, accepted):
     a, b = nic.ports
     nic.connect(a, b)
     B = RingPort(b, fctrl=fctrl)
     RingPort(a)
     wait_for(lambda: b.link_up, what="link up")
-    frames = {"own": b.mac, "broadcast": b"\xff" * 6, "multicast": b"\x01\x00\x5e\x00\x00\x01",
-              "foreign": b"\x02\x11\x22\x33\x44\x55"}
+    frames = {
+        "own": b.mac,
+        "broadcast": b"\xff" * 6,
+        "multicast": b"\x01\x00\x5e\x00\x00\x01",
+        "foreign": b"\x02\x11\x22\x33\x44\x55",
+    }
     got = set()
     for name, dst in frames.items():
         b.receive(udp_frame(dst, payload=name.encode().ljust(20)))
@@ -186,15 +210,17 @@ def test_rss_writes_the_toeplitz_hash_and_picks_the_reta_queue(nic):
         b.write32(0x5C80 + 4 * i, word)
     reta = [i % 4 for i in range(128)]
     for i in range(32):
-        b.write32(0x5C00 + 4 * i, int.from_bytes(bytes(reta[4 * i:4 * i + 4]), "little"))
+        b.write32(0x5C00 + 4 * i, int.from_bytes(bytes(reta[4 * i : 4 * i + 4]), "little"))
     b.write32(MRQC, 1 | (1 << 16) | (1 << 17) | (1 << 22))  # RSS, IPv4, IPv4/TCP, IPv4/UDP
     b.write32(RXCSUM, 1 << 13)  # PCSD: the hash replaces the checksum in the write-back
     b.write32(RXCTRL, 1)
-    vectors = [("66.9.149.187", 2794, "161.142.100.80", 1766, 0x51CCC178),
-               ("199.92.111.2", 14230, "65.69.140.83", 4739, 0xC626B0EA),
-               ("24.19.198.95", 12898, "12.22.207.184", 38024, 0x5C2B394A),
-               ("38.27.205.30", 48228, "209.142.163.6", 2217, 0xAFC7327F),
-               ("153.39.163.191", 44251, "202.188.127.2", 1303, 0x10E828A2)]
+    vectors = [
+        ("66.9.149.187", 2794, "161.142.100.80", 1766, 0x51CCC178),
+        ("199.92.111.2", 14230, "65.69.140.83", 4739, 0xC626B0EA),
+        ("24.19.198.95", 12898, "12.22.207.184", 38024, 0x5C2B394A),
+        ("38.27.205.30", 48228, "209.142.163.6", 2217, 0xAFC7327F),
+        ("153.39.163.191", 44251, "202.188.127.2", 1303, 0x10E828A2),
+    ]
     for src, sport, dst, dport, expected in vectors:
         assert toeplitz_hash(INTEL_DEFAULT_KEY, rss_input_ipv4(src, dst, sport, dport)) == expected
         b.receive(udp_frame(b.mac, src, dst, sport, dport))
@@ -259,10 +285,15 @@ def test_iova_ranges_exclude_the_virtual_addresses(nic):
 
 
 def test_threaded_engine_moves_100000_sequenced_frames_without_loss():
-    with ModelNic(2, mode="thread", reset_delay=0.0005, eeprom_delay=0.0005, link_delay=0.002) as nic:
+    with ModelNic(
+        2, mode="thread", reset_delay=0.0005, eeprom_delay=0.0005, link_delay=0.002
+    ) as nic:
         a, b = nic.ports
         nic.connect(a, b)
-        A, B = RingPort(a, rx_size=512, tx_size=512), RingPort(b, rx_size=512, tx_size=512, drop_en=False)
+        A, B = (
+            RingPort(a, rx_size=512, tx_size=512),
+            RingPort(b, rx_size=512, tx_size=512, drop_en=False),
+        )
         wait_for(lambda: a.link_up and b.link_up, what="link up")
         total, sent, received = 100_000, 0, 0
         template = udp_frame(b.mac, payload=bytes(18))  # 60 bytes

@@ -3,12 +3,19 @@
 import time
 
 import pytest
+from ringdriver import AUTOC, CTRL, EEC, EICR, LINKS, LRST, RDRXCTL, RST, RingPort, reset, wait_for
 
 from ixyd.model import ModelNic
-from ringdriver import (AUTOC, CTRL, EEC, EICR, LINKS, LRST, RDRXCTL, RST, RingPort, reset,
-                        wait_for)
 
-GPRC, GPTC, GORCL, GORCH, GOTCL, GOTCH, MPC0 = 0x4074, 0x4080, 0x4088, 0x408C, 0x4090, 0x4094, 0x3FA0
+GPRC, GPTC, GORCL, GORCH, GOTCL, GOTCH, MPC0 = (
+    0x4074,
+    0x4080,
+    0x4088,
+    0x408C,
+    0x4090,
+    0x4094,
+    0x3FA0,
+)
 EIMS, EIMC, EICS = 0x880, 0x888, 0x808
 
 
@@ -120,7 +127,7 @@ def test_interrupt_mask_set_and_clear_semantics(nic):
 def test_statistics_clear_on_read_and_count_what_moved(nic):
     a, b = nic.ports
     nic.connect(a, b)
-    A, B = RingPort(a), RingPort(b)
+    A, _ = RingPort(a), RingPort(b)
     wait_for(lambda: a.link_up and b.link_up, what="link up")
     for reg in (GPRC, GPTC, GORCL, GORCH, GOTCL, GOTCH):
         a.read32(reg), b.read32(reg)
@@ -133,7 +140,9 @@ def test_statistics_clear_on_read_and_count_what_moved(nic):
     assert b.read32(GPRC) == 5 and b.read32(GPRC) == 0
     assert b.read32(GORCL) == 5 * 118 and b.read32(GORCH) == 0
     assert b.read32(0x1030) == 5  # QPRC(0)
-    assert a.read32(0x6030) == 5 and a.read32(0x8680) == 0  # QPTC(0), read once through either address
+    assert (
+        a.read32(0x6030) == 5 and a.read32(0x8680) == 0
+    )  # QPTC(0), read once through either address
     a.write32(GPTC, 1234)  # statistics are read-only
     assert a.read32(GPTC) == 0
 

@@ -9,9 +9,9 @@ import time
 import uuid
 
 import pytest
+from ringdriver import TX_CMD, RingPort, tx, wait_for
 
 from ixyd.model import ModelNic
-from ringdriver import TX_CMD, RingPort, tx, wait_for
 
 
 @pytest.fixture
@@ -63,7 +63,14 @@ def test_checker_sees_a_clean_reflection(nic):
     pump(nic, ring, steps=100)
     stats = endpoint.stats
     assert stats["sent"] == stats["unique"] == stats["valid"] == 2000
-    assert stats["duplicates"] == stats["reordered"] == stats["corrupt"] == stats["foreign"] == stats["gaps"] == 0
+    assert (
+        stats["duplicates"]
+        == stats["reordered"]
+        == stats["corrupt"]
+        == stats["foreign"]
+        == stats["gaps"]
+        == 0
+    )
 
 
 def test_checker_reports_loss_duplicates_reordering_and_corruption(nic):
@@ -106,7 +113,9 @@ def test_window_limits_frames_in_flight(nic):
 
 
 def test_generator_rate_is_paced_in_thread_mode():
-    with ModelNic(1, mode="thread", reset_delay=0.0005, eeprom_delay=0.0005, link_delay=0.002) as card:
+    with ModelNic(
+        1, mode="thread", reset_delay=0.0005, eeprom_delay=0.0005, link_delay=0.002
+    ) as card:
         port = card.ports[0]
         endpoint = card.attach_traffic(port)
         RingPort(port, rx_size=64)
@@ -145,7 +154,9 @@ def tap_in_netns():
     try:
         subprocess.run(["ip", "link", "set", name, "netns", netns], check=True)
         run = ["ip", "netns", "exec", netns]
-        subprocess.run(run + ["ip", "link", "set", name, "address", "02:00:00:00:aa:01", "up"], check=True)
+        subprocess.run(
+            run + ["ip", "link", "set", name, "address", "02:00:00:00:aa:01", "up"], check=True
+        )
         subprocess.run(run + ["ip", "addr", "add", "10.213.0.1/24", "dev", name], check=True)
         yield fd, netns, name
     finally:
@@ -160,7 +171,10 @@ def test_tap_wire_carries_real_kernel_traffic_both_ways(nic, tap_in_netns):
     ring = RingPort(port)
     wait_for(lambda: port.link_up, what="link up")
     # kernel -> model: an ARP request for a neighbour on the tap's subnet
-    send_udp = "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('10.213.0.2', 9))"
+    send_udp = (
+        "import socket; "
+        "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('10.213.0.2', 9))"
+    )
     subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", send_udp], check=True)
     arp = None
     for _ in range(200):
@@ -174,14 +188,25 @@ def test_tap_wire_carries_real_kernel_traffic_both_ways(nic, tap_in_netns):
     assert arp is not None, "no ARP request from the kernel reached the RX ring"
     # model -> kernel: answer it; the kernel must learn the neighbour from the reply
     mac = b"\x02\x00\x00\x00\xbb\x02"
-    reply = arp[6:12] + mac + b"\x08\x06" + bytes([0, 1, 8, 0, 6, 4, 0, 2]) + mac + \
-        bytes([10, 213, 0, 2]) + arp[6:12] + bytes([10, 213, 0, 1])
+    reply = (
+        arp[6:12]
+        + mac
+        + b"\x08\x06"
+        + bytes([0, 1, 8, 0, 6, 4, 0, 2])
+        + mac
+        + bytes([10, 213, 0, 2])
+        + arp[6:12]
+        + bytes([10, 213, 0, 1])
+    )
     ring.send(reply + bytes(60 - len(reply)), cmd=TX_CMD)
     nic.step()
     neigh = ""
     for _ in range(100):
-        neigh = subprocess.run(["ip", "netns", "exec", netns, "ip", "neigh", "show", "10.213.0.2"],
-                               capture_output=True, text=True).stdout
+        neigh = subprocess.run(
+            ["ip", "netns", "exec", netns, "ip", "neigh", "show", "10.213.0.2"],
+            capture_output=True,
+            text=True,
+        ).stdout
         if "02:00:00:00:bb:02" in neigh:
             break
         time.sleep(0.01)

@@ -59,7 +59,8 @@ class PortConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not _is_ring_size(value):
                 raise ConfigError(
-                    f"{name} must be a power of two from {RING_MIN} to {RING_MAX} descriptors, got {value!r}"
+                    f"{name} must be a power of two from {RING_MIN} to {RING_MAX} descriptors, "
+                    f"got {value!r}"
                 )
         if self.pool_size is not None:
             minimum = self.rx_ring + 32

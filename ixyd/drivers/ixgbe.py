@@ -108,7 +108,10 @@ _TX_QUEUE_COUNTERS = {"tx_packets": "QPTC", "tx_bytes": "QBTC"}
 
 
 def identify(ids: PciIds) -> r.DeviceInfo:
-    """Look a function up in the device table; UnsupportedDeviceError unless it is a supported PF."""
+    """Look a function up in the device table.
+
+    Raises UnsupportedDeviceError unless it is a supported physical function.
+    """
     if ids.vendor_id != r.INTEL_VENDOR_ID:
         raise UnsupportedDeviceError(
             f"{ids}: not an Intel device (vendor {ids.vendor_id:#06x}); "
@@ -116,7 +119,8 @@ def identify(ids: PciIds) -> r.DeviceInfo:
         )
     if ids.device_id in r.VIRTUAL_FUNCTIONS:
         raise UnsupportedDeviceError(
-            f"{ids} is an SR-IOV virtual function ({r.VIRTUAL_FUNCTIONS[ids.device_id]}), not supported: "
+            f"{ids} is an SR-IOV virtual function ({r.VIRTUAL_FUNCTIONS[ids.device_id]}), "
+            "not supported: "
             "ixyd drives physical functions; give it the PF instead"
         )
     info = r.DEVICES.get(ids.device_id)

@@ -168,7 +168,8 @@ class BoundRegister:
                 return value
             if expired:
                 raise DeviceTimeoutError(
-                    f"{self.file.dev.address}: {self.name} ({self.offset:#07x}) did not reach {what} "
+                    f"{self.file.dev.address}: {self.name} ({self.offset:#07x}) "
+                    f"did not reach {what} "
                     f"within {timeout:g} s; last value {value:#010x}"
                 )
             time.sleep(delay)

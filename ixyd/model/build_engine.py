@@ -52,5 +52,6 @@ if __name__ == "__main__":
     ffibuilder.compile(tmpdir=os.path.join(root, "build", "cffi"), verbose=False)
     import glob
     import shutil
+
     for so in glob.glob(os.path.join(root, "build", "cffi", "ixyd", "model", "_engine*.so")):
         shutil.copy(so, os.path.join(HERE, os.path.basename(so)))

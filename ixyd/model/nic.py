@@ -34,7 +34,7 @@ def _mac(index: int, card: int = 0) -> bytes:
 class ModelIommu(DmaMapper):
     """The model's IOMMU: the translation table every device DMA goes through."""
 
-    def __init__(self, nic: "ModelNic", ranges: list[tuple[int, int]]):
+    def __init__(self, nic: ModelNic, ranges: list[tuple[int, int]]):
         self._nic = nic
         self._ranges = list(ranges)
         self.map_calls = 0
@@ -75,7 +75,7 @@ class Fault:
 class ModelPort(PciFunction):
     """One 82599 port of the model, behind the device seam."""
 
-    def __init__(self, nic: "ModelNic", index: int, mac: bytes, device_id: int):
+    def __init__(self, nic: ModelNic, index: int, mac: bytes, device_id: int):
         self.nic = nic
         self.index = index
         self.address = f"{nic.name}.{index}"
@@ -115,12 +115,16 @@ class ModelPort(PciFunction):
     def write32(self, offset: int, value: int) -> None:
         self.check_offset(offset)
         if not 0 <= value <= ALL_ONES:
-            raise ValueError(f"{self.address}: register value {value!r} is not a 32-bit unsigned integer")
+            raise ValueError(
+                f"{self.address}: register value {value!r} is not a 32-bit unsigned integer"
+            )
         if self._removed or self._closed:
             return
         offset = r.canonical(offset)
         if offset != r.CTRL and time.monotonic() < self._reset_done:
-            self._violation(f"write of {value:#x} to {offset:#x} while the device is still in reset")
+            self._violation(
+                f"write of {value:#x} to {offset:#x} while the device is still in reset"
+            )
             return
         handler = self._write_special.get(offset)
         if handler:
@@ -167,8 +171,11 @@ class ModelPort(PciFunction):
         """The model's own 64-bit truth counters (never cleared by register reads)."""
         c = ffi.new("struct model_port_counters *")
         lib.model_port_counters(self._p, c)
-        out = {name: getattr(c, name) for name in dir(c) if not name.startswith("rx_queue") and
-               not name.startswith("tx_queue")}
+        out = {
+            name: getattr(c, name)
+            for name in dir(c)
+            if not name.startswith("rx_queue") and not name.startswith("tx_queue")
+        }
         out["rx_queue_frames"] = list(c.rx_queue_frames)
         out["tx_queue_frames"] = list(c.tx_queue_frames)
         return out
@@ -294,7 +301,9 @@ class ModelPort(PciFunction):
 
     def _write_fctrl(self, offset: int, value: int) -> None:
         if lib.model_reg_load(self._p, r.RXCTRL) & r.RXCTRL_RXEN:
-            self._violation("FCTRL written while RXCTRL.RXEN = 1 (filters may only change with RX off)")
+            self._violation(
+                "FCTRL written while RXCTRL.RXEN = 1 (filters may only change with RX off)"
+            )
         self._write_plain(offset, value)
 
     def _write_dctl(self, offset: int, value: int, queue: int, kind: str) -> None:
@@ -304,9 +313,13 @@ class ModelPort(PciFunction):
             length = lib.model_reg_load(self._p, block + r.RDLEN)
             base = lib.model_reg_load(self._p, block + r.RDBAL)
             if length == 0 or length % 128:
-                self._violation(f"{kind} queue {queue} enabled with length {length} (not a multiple of 128)")
+                self._violation(
+                    f"{kind} queue {queue} enabled with length {length} (not a multiple of 128)"
+                )
             if base % 16:
-                self._violation(f"{kind} queue {queue} enabled with base {base:#x} not 16-byte aligned")
+                self._violation(
+                    f"{kind} queue {queue} enabled with base {base:#x} not 16-byte aligned"
+                )
             if kind == "TX" and not lib.model_reg_load(self._p, r.DMATXCTL) & r.DMATXCTL_TE:
                 self._violation(f"TX queue {queue} enabled before DMATXCTL.TE (datasheet 4.6.8)")
             if kind == "RX" and not lib.model_reg_load(self._p, block + r.SRRCTL) & 0x1F:
@@ -325,16 +338,27 @@ class TrafficEndpoint:
     frames the port *transmits*: loss, duplicates, reordering and corruption per flow.
     """
 
-    def __init__(self, nic: "ModelNic", port: ModelPort):
+    def __init__(self, nic: ModelNic, port: ModelPort):
         self.nic = nic
         self.port = port
         self._t = lib.model_wire_traffic(port._p)
         if self._t == ffi.NULL:
             raise MemoryError("cannot allocate the traffic endpoint")
 
-    def configure(self, *, size: int = 60, flows: int = 1, count: int = 0, rate: int = 0, burst: int = 32,
-                  window: int = 0, dst_mac: bytes | None = None, src_mac: bytes | None = None,
-                  stream: int | None = None, ip_base: str = "10.0.0.0") -> "TrafficEndpoint":
+    def configure(
+        self,
+        *,
+        size: int = 60,
+        flows: int = 1,
+        count: int = 0,
+        rate: int = 0,
+        burst: int = 32,
+        window: int = 0,
+        dst_mac: bytes | None = None,
+        src_mac: bytes | None = None,
+        stream: int | None = None,
+        ip_base: str = "10.0.0.0",
+    ) -> TrafficEndpoint:
         """Set up the generator.
 
         size: frame length without FCS (60 = a 64-byte frame on the wire); flows: number of
@@ -352,11 +376,13 @@ class TrafficEndpoint:
         src = src_mac or bytes([0x02, 0x00, 0x00, 0x7E, 0x00, self.port.index])
         stream = self.port.index if stream is None else stream
         base = int.from_bytes(bytes(int(x) for x in ip_base.split(".")), "big")
-        lib.model_traffic_configure(self._t, dst, src, size, flows, count, rate, burst, window, stream, base)
+        lib.model_traffic_configure(
+            self._t, dst, src, size, flows, count, rate, burst, window, stream, base
+        )
         self.stream = stream
         return self
 
-    def pair(self, checker: "TrafficEndpoint") -> None:
+    def pair(self, checker: TrafficEndpoint) -> None:
         """Tell the generator where its frames are checked (needed for `window`)."""
         self._check()
         lib.model_traffic_pair(self._t, checker._t)
@@ -404,10 +430,20 @@ class ModelNic:
 
     _count = 0
 
-    def __init__(self, ports: int = 2, *, mode: str = "thread", name: str | None = None,
-                 device_id: int = DEVICE_82599_SFP, macs: list[bytes] | None = None,
-                 iova_ranges: list[tuple[int, int]] | None = None, reset_delay: float = 0.001,
-                 eeprom_delay: float = 0.002, link_delay: float = 0.05, prefer_hugepages: bool = True):
+    def __init__(
+        self,
+        ports: int = 2,
+        *,
+        mode: str = "thread",
+        name: str | None = None,
+        device_id: int = DEVICE_82599_SFP,
+        macs: list[bytes] | None = None,
+        iova_ranges: list[tuple[int, int]] | None = None,
+        reset_delay: float = 0.001,
+        eeprom_delay: float = 0.002,
+        link_delay: float = 0.05,
+        prefer_hugepages: bool = True,
+    ):
         if mode not in ("thread", "step"):
             raise ValueError("mode must be 'thread' or 'step'")
         if not 1 <= ports <= 8:
@@ -464,8 +500,12 @@ class ModelNic:
         if self._thread:
             return
         self._stop[0] = 0
-        self._thread = threading.Thread(target=lib.model_run, args=(self._m, self._stop),
-                                        name=f"{self.name}-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=lib.model_run,
+            args=(self._m, self._stop),
+            name=f"{self.name}-engine",
+            daemon=True,
+        )
         self._thread.start()
 
     def stop(self) -> None:

@@ -68,8 +68,26 @@ def tx_block(queue: int) -> int:
     return 0x06000 + 0x40 * queue
 
 
-RDBAL, RDBAH, RDLEN, DCA_RXCTRL, RDH, SRRCTL, RDT, RXDCTL = 0x00, 0x04, 0x08, 0x0C, 0x10, 0x14, 0x18, 0x28
-TDBAL, TDBAH, TDLEN, TDH, TDT, TXDCTL, TDWBAL, TDWBAH = 0x00, 0x04, 0x08, 0x10, 0x18, 0x28, 0x38, 0x3C
+RDBAL, RDBAH, RDLEN, DCA_RXCTRL, RDH, SRRCTL, RDT, RXDCTL = (
+    0x00,
+    0x04,
+    0x08,
+    0x0C,
+    0x10,
+    0x14,
+    0x18,
+    0x28,
+)
+TDBAL, TDBAH, TDLEN, TDH, TDT, TXDCTL, TDWBAL, TDWBAH = (
+    0x00,
+    0x04,
+    0x08,
+    0x10,
+    0x18,
+    0x28,
+    0x38,
+    0x3C,
+)
 QUEUE_ENABLE = 1 << 25
 QUEUE_SWFLSH = 1 << 26
 SRRCTL_RESET = 0x00000402  # BSIZEPACKET 2 KB, BSIZEHEADER 256 B (UNVERIFIED, nic-facts §A.3a)
@@ -79,11 +97,25 @@ DCA_RXCTRL_LEGACY = 0x02200  # DCA_RXCTRL(0..15) alias
 
 # --- statistics (§A.7): clear on read ---
 RC32 = {
-    "CRCERRS": 0x04000, "ILLERRC": 0x04004, "ERRBC": 0x04008, "MSPDC": 0x04010,
-    "MLFC": 0x04034, "MRFC": 0x04038, "RLEC": 0x04040,
-    "GPRC": 0x04074, "BPRC": 0x04078, "MPRC": 0x0407C, "GPTC": 0x04080,
-    "RUC": 0x040A4, "RFC": 0x040A8, "ROC": 0x040AC, "RJC": 0x040B0,
-    "TPR": 0x040D0, "TPT": 0x040D4, "MPTC": 0x040F0, "BPTC": 0x040F4,
+    "CRCERRS": 0x04000,
+    "ILLERRC": 0x04004,
+    "ERRBC": 0x04008,
+    "MSPDC": 0x04010,
+    "MLFC": 0x04034,
+    "MRFC": 0x04038,
+    "RLEC": 0x04040,
+    "GPRC": 0x04074,
+    "BPRC": 0x04078,
+    "MPRC": 0x0407C,
+    "GPTC": 0x04080,
+    "RUC": 0x040A4,
+    "RFC": 0x040A8,
+    "ROC": 0x040AC,
+    "RJC": 0x040B0,
+    "TPR": 0x040D0,
+    "TPT": 0x040D4,
+    "MPTC": 0x040F0,
+    "BPTC": 0x040F4,
 }
 for _n in range(8):
     RC32[f"MPC{_n}"] = 0x03FA0 + 4 * _n
