@@ -5,6 +5,7 @@ from setuptools import setup
 setup(
     cffi_modules=[
         "ixyd/native/build_datapath.py:ffibuilder",
+        "ixyd/native/build_vfio.py:ffibuilder",
         "ixyd/model/build_engine.py:ffibuilder",
     ],
 )
