@@ -456,6 +456,19 @@ def test_rx_mac_error_frame_is_dropped_and_counted():
     assert pool.free == 128 - 64 - 1
 
 
+def test_rx_error_bit_is_per_family():
+    """Bit 29 is RXE on the 82599 but L4E (a checksum error) on the 82576, whose RXE is
+    bit 31: a queue drops only on the error bit its family's driver set."""
+    rx = Rx(Pool(128))
+    assert rx.q.error_mask == lib.IXYD_RXE_82599  # the default
+    rx.q.error_mask = lib.IXYD_RXE_82576
+    rx.device_receive(frame(0), status=RX_DD | RX_EOP | 0x20000000)  # 82576 L4E: keep
+    rx.device_receive(frame(1), status=RX_DD | RX_EOP | 0x80000000)  # 82576 RXE: drop
+    rx.device_receive(frame(2))
+    assert [p.data[2] for p in rx.batch()] == [0, 2]
+    assert rx.stats.drop_errors == 1
+
+
 def test_rxq_free_all_returns_every_ring_buffer():
     pool = Pool(100)
     rx = Rx(pool)

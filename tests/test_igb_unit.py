@@ -526,17 +526,17 @@ def test_frames_cross_both_ways_through_the_data_path_and_the_counters_agree(car
         assert a.stats()["rx_good_packets"] == 40  # accumulated, not counted twice
 
 
-def test_bad_udp_checksums_reach_software_because_checksum_offload_is_off(card):
-    """The hazard: with RXCSUM.TUOFL on (the reset value), the 82576 and QEMU mark a bad
-    UDP checksum with L4E = bit 29, which the shared data path takes for the 82599's RXE
-    and drops. The driver switches checksum offload off, so such frames are delivered."""
+def test_bad_udp_checksums_are_not_taken_for_mac_errors(card):
+    """On the 82576 write-back bit 29 is L4E (a bad TCP/UDP checksum), on the 82599 it is
+    RXE. The RX queues of an igb port drop on the 82576's RXE (bit 31) only, so a frame
+    with a bad checksum reaches software, whether or not checksum offload marks it."""
     a_dev, b_dev, _ = card
     with IgbPort(a_dev, config()) as a, IgbPort(b_dev, config()) as b:
         bad = [udp_frame(b.mac, a.mac, seq, good_checksum=False) for seq in range(8)]
         assert forward(a, b, bad) == bad
-        b_dev._bar[RXCSUM // 4] = r.RXCSUM_TUOFL  # what the reset value would do
-        assert forward(a, b, bad) == []
-        assert b.rx_queues[0].stats["drop_errors"] == 8
+        b_dev._bar[RXCSUM // 4] = r.RXCSUM_TUOFL  # offload on: the fake now sets L4E
+        assert forward(a, b, bad) == bad
+        assert b.rx_queues[0].stats["drop_errors"] == 0
 
 
 def test_promisc_off_filters_foreign_unicast_and_filters_change_only_with_rx_off(card):

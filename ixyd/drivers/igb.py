@@ -29,13 +29,11 @@ Where the 82576 differs from the 82599 driver (ixgbe.py), the step that handles 
 * Queue 0 is enabled after reset (RXDCTL0/TXDCTL0.ENABLE = 1): each queue is disabled
   before its ring is programmed (`_disable_queue`).
 * SRRCTL.DROP_EN is bit 31, and descriptor-control thresholds are 5 bits wide.
-* Checksum offload is on after reset (RXCSUM = IPOFL | TUOFL) and must be switched off:
-  the 82576 reports a bad TCP/UDP checksum in write-back bit 29 (L4E), and the shared data
-  path (datapath.c) drops any descriptor with bit 29 set, because on the 82599 that bit is
-  RXE. QEMU does set L4E for frames with a bad checksum while TUOFL is on. With TUOFL off
-  bit 29 is never written. The 82576's own RXE (bit 31) is not looked at by the data path;
-  frames with MAC errors are not stored while RCTL.SBP is clear, as this driver keeps it.
-  See `_init_rx`.
+* The write-back error bits differ from the 82599's: RXE is bit 31 (the 82599's bit 29 is
+  the 82576's L4E, a TCP/UDP checksum error). RX queues are created with the 82576's RXE
+  as their drop mask. Checksum offload is on after reset (RXCSUM = IPOFL | TUOFL) and is
+  switched off, since nothing uses it (QEMU does set L4E for bad checksums while TUOFL is
+  on). See `_init_rx`.
 * There are no per-queue packet/byte counters for the PF (the 82599's QPRC/QPTC):
   per-queue rx/tx packets and bytes come from the data path's own counters.
 
@@ -50,6 +48,7 @@ import threading
 import time
 from typing import Self
 
+from .._datapath import lib
 from ..device import ALL_ONES, PciFunction, PciIds
 from ..errors import (
     DeviceError,
@@ -371,11 +370,8 @@ class IgbPort:
         """Global receive set-up with RCTL.EN off, then each queue's ring.
 
         Filters change only while receive is off (the same rule as ixgbe.py). Checksum
-        offload is switched off here, which the shared data path relies on: with
-        RXCSUM.TUOFL set (its reset value) the 82576 marks a bad TCP/UDP checksum with L4E
-        in write-back bit 29, and datapath.c drops every descriptor with bit 29 set because
-        that is the 82599's RXE. QEMU's igb does set it (igb_verify_csum_in_sw, with
-        RXCSUM.TUOFLD) for frames whose checksum does not verify.
+        offload (on after reset) is switched off: nothing uses its result, and it would
+        only add error bits to the write-back.
         """
         regs = self.regs
         regs.RCTL.write(0)  # off, and no stale filter, loopback or buffer-size bits
@@ -385,7 +381,7 @@ class IgbPort:
             regs.RXCSUM.write(r.RXCSUM_PCSD)  # hash in the descriptor; no checksum offload
         else:
             regs.MRQC.write(0)  # no RSS: queue 0 receives everything
-            regs.RXCSUM.write(0)  # no checksum offload: L4E (bit 29) is never reported
+            regs.RXCSUM.write(0)  # no checksum offload
         for queue in range(self.config.rx_queues):
             self._init_rx_queue(queue)
 
@@ -434,6 +430,7 @@ class IgbPort:
             regs.RDT[queue].offset,
             self.config.rx_ring,
             self.config.buffers_per_rx_queue,
+            error_mask=lib.IXYD_RXE_82576,  # RXE is bit 31 here; bit 29 is L4E
         )
         self.rx_queues.append(rxq)
         # 2 KB buffers, advanced one-buffer descriptors; DROP_EN (82576: bit 31) makes a

@@ -104,8 +104,17 @@ class RxQueue:
     RDBAL/RDLEN from `ring_iova`/`ring_bytes` and writes RDH and RDT itself.
     """
 
-    def __init__(self, dev: PciFunction, index: int, rdt_offset: int, size: int, pool_size: int):
+    def __init__(
+        self,
+        dev: PciFunction,
+        index: int,
+        rdt_offset: int,
+        size: int,
+        pool_size: int,
+        error_mask: int = lib.IXYD_RXE_82599,
+    ):
         self.index = index
+        self.error_mask = error_mask  # the family's RX MAC-error bit: such frames are dropped
         self.size = size
         self.pool = Mempool(dev.dma, pool_size)
         self._dma = dev.dma
@@ -131,6 +140,7 @@ class RxQueue:
                 f"RX queue {self.index}: a pool of {self.pool.free_count} free buffers cannot fill "
                 f"a ring of {self.size} descriptors"
             )
+        self.pointer.error_mask = self.error_mask
         self.filled = True
 
     def rx_batch(self, max_packets: int = 32) -> list:

@@ -37,7 +37,6 @@ union rx_desc {
 };
 #define RX_STAT_DD  0x00000001u
 #define RX_STAT_EOP 0x00000002u
-#define RX_ERR_RXE  0x20000000u        /* any MAC error (bit 29) */
 
 /* Advanced TX data descriptor (nic-facts B.3, B.4). */
 union tx_desc {
@@ -147,18 +146,19 @@ int ixyd_rxq_init(struct ixyd_rxq *q, void *ring, volatile uint32_t *rdt,
         return -1;
     if (ixyd_pkt_alloc_bulk(pool, slots, size) != size)
         return -1;
-    *q = (struct ixyd_rxq){.ring = ring, .rdt = rdt, .slots = slots, .pool = pool, .size = size};
+    *q = (struct ixyd_rxq){.ring = ring, .rdt = rdt, .slots = slots, .pool = pool, .size = size,
+                           .error_mask = IXYD_RXE_82599};
     volatile union rx_desc *descs = (volatile union rx_desc *)q->ring;
     for (uint32_t i = 0; i < size; i++)
         rx_arm(&descs[i], slots[i]->data_iova);
     return 0;
 }
 
-/* One compare decides the fast path: (status & RX_CHECK) == expect. expect is RX_GOOD
- * (DD, EOP, no MAC error) normally and RX_IN_MULTI while the rest of a multi-descriptor
- * frame is discarded; RX_IN_MULTI lacks DD, so it never matches a completed descriptor
- * and every one of them takes the slow path until the frame's EOP. */
-#define RX_CHECK    (RX_STAT_DD | RX_STAT_EOP | RX_ERR_RXE)
+/* One compare decides the fast path: (status & check) == expect, where check is DD, EOP and
+ * the queue's MAC error bit. expect is RX_GOOD (DD, EOP, no MAC error) normally and
+ * RX_IN_MULTI while the rest of a multi-descriptor frame is discarded; RX_IN_MULTI lacks
+ * DD, so it never matches a completed descriptor and every one of them takes the slow path
+ * until the frame's EOP. */
 #define RX_GOOD     (RX_STAT_DD | RX_STAT_EOP)
 #define RX_IN_MULTI RX_STAT_EOP
 
@@ -180,6 +180,7 @@ rx_loop(struct ixyd_rxq *q, struct ixyd_pkt **out, uint32_t max, const int pool_
     uint64_t entry_size = mp->entry_size;
     uint64_t iova_delta = mp->base_iova + IXYD_PKT_HEADROOM - (uintptr_t)base;
     uint32_t expect = q->in_multi ? RX_IN_MULTI : RX_GOOD;
+    const uint32_t check = RX_STAT_DD | RX_STAT_EOP | q->error_mask;
     uint32_t left = max, dropped = 0;
     uint64_t bytes = 0;
 
@@ -190,7 +191,7 @@ rx_loop(struct ixyd_rxq *q, struct ixyd_pkt **out, uint32_t max, const int pool_
         for (; d != run_end; d++, slot++) {
             uint32_t status = __atomic_load_n(&d->wb.status_error, __ATOMIC_ACQUIRE);
             struct ixyd_pkt *pkt = *slot;
-            if (unlikely((status & RX_CHECK) != expect || (pool_may_run_dry && sp == stack))) {
+            if (unlikely((status & check) != expect || (pool_may_run_dry && sp == stack))) {
                 if (!(status & RX_STAT_DD))
                     goto done;
                 /* Drop: the buffer goes straight back to its descriptor. A frame that
@@ -202,7 +203,7 @@ rx_loop(struct ixyd_rxq *q, struct ixyd_pkt **out, uint32_t max, const int pool_
                     }
                 } else if (!(status & RX_STAT_EOP)) {
                     expect = RX_IN_MULTI;
-                } else if (status & RX_ERR_RXE) {
+                } else if (status & q->error_mask) {
                     q->stats.drop_errors++;
                 } else {
                     q->stats.drop_no_buffer++;

@@ -19,7 +19,9 @@
 
 #define IXYD_PKT_HEADROOM 128   /* data[] starts 128 bytes into every pool entry */
 #define IXYD_TX_CLEAN_BATCH 32  /* TX buffers are reclaimed 32 at a time (DPDK tx_rs_thresh) */
-#define IXYD_MAX_BATCH 256      /* largest batch ixyd_forward accepts */
+#define IXYD_MAX_BATCH 256
+#define IXYD_RXE_82599 0x20000000    /* RXE, bit 29 (nic-facts B.2); on the 82576 bit 29 is L4E */
+#define IXYD_RXE_82576 0x80000000    /* RXE, bit 31 (nic-facts C.3) */      /* largest batch ixyd_forward accepts */
 
 /* Header of one pool entry, in DMA memory. The device sees only data[]. */
 struct ixyd_pkt {
@@ -60,7 +62,9 @@ struct ixyd_rxq {
     uint32_t size;               /* descriptors, power of two */
     uint32_t next;               /* next descriptor to look at */
     uint32_t in_multi;           /* 1 while discarding the rest of a multi-descriptor frame */
-    uint32_t pad;
+    uint32_t error_mask;         /* write-back error bits that drop a frame: the MAC error bit,
+                                    which differs per family (IXYD_RXE_82599 / IXYD_RXE_82576);
+                                    ixyd_rxq_init sets the 82599's */
     struct ixyd_rxq_stats stats;
 };
 
