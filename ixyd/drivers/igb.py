@@ -44,22 +44,18 @@ so a dead or unplugged card gives DeviceRemovedError or DeviceTimeoutError, neve
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from typing import Self
 
 from .._datapath import lib
-from ..device import ALL_ONES, PciFunction, PciIds
+from ..device import ALL_ONES, PciIds
 from ..errors import (
     DeviceError,
-    DeviceRemovedError,
     DeviceTimeoutError,
-    IxydError,
-    UnsupportedDeviceError,
 )
 from . import igb_registers as r
-from .config import PortConfig
-from .registers import BoundRegister, RegisterFile
+from . import port
+from .port import QUEUE_TIMEOUT, DeviceInfo, IntelPort
+from .registers import BoundRegister
 from .rings import RxQueue, TxQueue
 
 log = logging.getLogger(__name__)
@@ -73,9 +69,7 @@ RESET_TIMEOUT = 1.0  # CTRL.RST clears itself; QEMU clears it inside the write
 AUTO_READ_TIMEOUT = 0.010  # Linux AUTO_READ_DONE_TIMEOUT: 10 x 1 ms, then carry on
 MDIC_TIMEOUT = 0.1  # Intel: 3 x E1000_GEN_POLL_TIMEOUT (640) polls of 50 us = 96 ms
 MDIC_POLL = 50e-6
-QUEUE_TIMEOUT = 0.5  # RXDCTL/TXDCTL.ENABLE to read back as written
 TX_DRAIN_TIMEOUT = 0.5  # TDH to reach TDT at shutdown
-LINK_POLL = 0.010
 
 # RX descriptor thresholds: Linux igb's for the 82576 (IGB_RX_PTHRESH 8, IGB_RX_HTHRESH 8,
 # IGB_RX_WTHRESH 1 with MSI-X): WTHRESH 1 writes each descriptor back as soon as it is
@@ -132,90 +126,32 @@ _TX_QUEUE_SW_COUNTERS = {"tx_packets": "packets", "tx_bytes": "bytes"}
 _QUEUE_KEYS = (*_RX_QUEUE_SW_COUNTERS, "rx_no_descriptor", *_TX_QUEUE_SW_COUNTERS)
 
 
-def identify(ids: PciIds) -> r.DeviceInfo:
-    """Look a function up in the device table.
-
-    Raises UnsupportedDeviceError unless it is a supported physical function.
-    """
-    if ids.vendor_id != r.INTEL_VENDOR_ID:
-        raise UnsupportedDeviceError(
-            f"{ids}: not an Intel device (vendor {ids.vendor_id:#06x}); "
-            "the igb driver drives 8086:xxxx functions only"
-        )
-    if ids.device_id in r.VIRTUAL_FUNCTIONS:
-        raise UnsupportedDeviceError(
-            f"{ids} is an SR-IOV virtual function ({r.VIRTUAL_FUNCTIONS[ids.device_id]}), "
-            "not supported: ixyd drives physical functions; give it the PF instead"
-        )
-    info = r.DEVICES.get(ids.device_id)
-    if info is None:
-        raise UnsupportedDeviceError(
-            f"{ids}: unknown device ID {ids.device_id:#06x}; supported: 82576 copper "
-            f"({', '.join(f'{d:#06x}' for d, i in r.DEVICES.items() if i.supported)})"
-        )
-    if not info.supported:
-        raise UnsupportedDeviceError(
-            f"{ids} is an {info.name} ({info.family} family), not supported: "
-            f"{r.UNSUPPORTED_FAMILY_REASONS[info.family]}"
-        )
-    return info
+def identify(ids: PciIds) -> DeviceInfo:
+    """The 82576 device-table entry of a function; UnsupportedDeviceError unless supported."""
+    return port.identify(ids, r, driver="igb", supported="82576 copper")
 
 
-class IgbPort:
+class IgbPort(IntelPort):
     """One 82576 port, initialised and running; `shutdown()` stops it and frees its memory.
 
     Raises, from the constructor: UnsupportedDeviceError (wrong ID), DeviceRemovedError
     (the function reads all-ones), DeviceTimeoutError (a reset step never completed),
     DeviceError (the PHY does not answer over MDIC), DmaError (no DMA memory). A link that
     stays down is not an error.
+
+    stats(): rx/tx_packets and _bytes are frames handed to software by rx_batch / taken by
+    tx_batch, without FCS, summed over the queues (the data path's counters: the 82576 has
+    no per-queue hardware counters for them); rx_good_bytes/tx_good_bytes are the MAC's and
+    include the FCS. rx_no_descriptor sums RQDPC over the RX queues.
     """
 
-    def __init__(self, dev: PciFunction, config: PortConfig | None = None):
-        self.dev = dev
-        self.config = config if config is not None else PortConfig()
-        self.info = identify(dev.ids)
-        self.regs = RegisterFile(dev, r.REGISTERS)
-        self.rx_queues: list[RxQueue] = []
-        self.tx_queues: list[TxQueue] = []
-        self.mac = b""
-        self.promisc = self.config.promisc
-        self._lock = threading.RLock()  # control-plane register sequences; workers touch only tails
-        self._counters: dict[str, list[BoundRegister]] = {}  # stats key -> instances read
-        self._closed = False
-        try:
-            self._reset_and_init()
-        except BaseException:
-            self._shutdown_after_failed_init()
-            raise
-
-    def __repr__(self) -> str:
-        state = (
-            "shut down"
-            if self._closed
-            else f"{len(self.rx_queues)} RX / {len(self.tx_queues)} TX queues"
-        )
-        return f"<IgbPort {self.dev.address} {self.info.name} {self.mac_address} {state}>"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-
-    @property
-    def mac_address(self) -> str:
-        """The port's MAC address as text, e.g. '52:54:00:00:00:01'."""
-        return ":".join(f"{b:02x}" for b in self.mac)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    R = r
+    identify = staticmethod(identify)
 
     # =====================================================================================
     # Bring-up
     # =====================================================================================
-    def _reset_and_init(self) -> None:
-        self._check_present()
+    def _bring_up(self) -> None:
         self._disable_interrupts()
         self._disable_master()
         self.dev.set_bus_master(False)  # no DMA until the rings are ours
@@ -235,16 +171,6 @@ class IgbPort:
             self._start_tx_queue(txq)
         self._enable_rx()
         self.wait_for_link(self.config.link_timeout)
-
-    def _check_present(self) -> None:
-        """An unplugged card, or one whose BAR is not live, reads all-ones: say so at once."""
-        try:
-            self.regs.check_removed()
-        except DeviceRemovedError as exc:
-            raise DeviceRemovedError(
-                f"{exc}; nothing was initialised. Check that the card is present (lspci), powered "
-                "(D0) and that its PCIe link is up"
-            ) from None
 
     def _disable_interrupts(self) -> None:
         """Mask every legacy and extended cause, then clear pending ones by reading the
@@ -301,16 +227,6 @@ class IgbPort:
                 self.dev.address,
                 AUTO_READ_TIMEOUT,
             )
-
-    def _read_mac(self) -> bytes:
-        """Receive address 0 holds the EEPROM's MAC after reset (QEMU: the -device mac=)."""
-        low, high = self.regs.RAL[0].read(), self.regs.RAH[0].read()
-        if not high & r.RAH_AV:
-            log.warning(
-                "%s: receive address 0 is not marked valid; unicast filtering may drop everything",
-                self.dev.address,
-            )
-        return low.to_bytes(4, "little") + (high & r.RAH_ADDRESS_MASK).to_bytes(2, "little")
 
     def _init_link(self) -> None:
         """82576 difference: the link comes up through the copper PHY.
@@ -409,15 +325,8 @@ class IgbPort:
         82576: MRQC bits 2:0 = 010b enable RSS; RETA entries are bytes with the queue in the
         low bits. QEMU hashes only with RXCSUM.PCSD set (written by the caller).
         """
-        regs = self.regs
-        key = self.config.rss_key or r.RSS_DEFAULT_KEY
-        for i, register in enumerate(regs.RSSRK):
-            register.write(int.from_bytes(key[4 * i : 4 * i + 4], "little"))  # byte 0: bits 7:0
-        queues = self.config.rx_queues
-        for i, register in enumerate(regs.RETA):
-            entries = [(4 * i + k) % queues for k in range(4)]  # entry e is byte e & 3
-            register.write(int.from_bytes(bytes(entries), "little"))
-        regs.MRQC.write(r.MRQC_ENABLE_RSS | RSS_HASH_FIELDS)
+        self._write_rss_tables()
+        self.regs.MRQC.write(r.MRQC_ENABLE_RSS | RSS_HASH_FIELDS)
 
     def _init_rx_queue(self, queue: int) -> None:
         """Per queue: disabled, buffer size and type, ring base and length, head = tail = 0,
@@ -493,24 +402,6 @@ class IgbPort:
         )
 
     # ----------------------------------------------------------------------- start
-    def _start_rx_queue(self, rxq: RxQueue) -> None:
-        """Arm the ring, enable the queue, then hand the device all descriptors but one."""
-        rxq.fill()
-        q = rxq.index
-        self.regs.RXDCTL[q].set_bits(r.RXDCTL_ENABLE)
-        self.regs.RXDCTL[q].wait_set(r.RXDCTL_ENABLE, timeout=QUEUE_TIMEOUT)
-        self.regs.RDH[q].write(0)
-        # RDT == RDH would mean "no descriptor for the device": leave one slot unused.
-        self.regs.RDT[q].write(rxq.size - 1)
-
-    def _start_tx_queue(self, txq: TxQueue) -> None:
-        """Empty ring (TDH = TDT = 0), then enable the queue."""
-        q = txq.index
-        self.regs.TDH[q].write(0)
-        self.regs.TDT[q].write(0)
-        self.regs.TXDCTL[q].set_bits(r.TXDCTL_ENABLE)
-        self.regs.TXDCTL[q].wait_set(r.TXDCTL_ENABLE, timeout=QUEUE_TIMEOUT)
-
     def _enable_rx(self) -> None:
         """The last step of receive set-up: RCTL with EN and the filter bits."""
         self.regs.RCTL.write(self._rctl(self.promisc) | r.RCTL_EN)
@@ -528,25 +419,6 @@ class IgbPort:
             return False, 0
         return True, r.STATUS_SPEED_MBPS[(status & r.STATUS_SPEED_MASK) >> r.STATUS_SPEED_SHIFT]
 
-    def wait_for_link(self, timeout: float) -> bool:
-        """Wait up to timeout seconds for the link; return whether it is up. Never raises for a
-        link that stays down (DeviceRemovedError if the card is gone)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            up, speed = self.link()
-            if up:
-                log.info("%s: link up at %d Mb/s", self.dev.address, speed)
-                return True
-            if time.monotonic() >= deadline:
-                if timeout > 0:
-                    log.warning(
-                        "%s: link still down after %g s; the port works once it comes up",
-                        self.dev.address,
-                        timeout,
-                    )
-                return False
-            time.sleep(LINK_POLL)
-
     def set_promisc(self, on: bool) -> None:
         """Accept (on) or filter (off) frames for other unicast and multicast addresses.
 
@@ -563,25 +435,6 @@ class IgbPort:
             if enable:
                 self.regs.RCTL.write(self._rctl(on) | r.RCTL_EN)
             self.promisc = on
-
-    def stats(self) -> dict[str, int]:
-        """Port statistics as 64-bit totals since init.
-
-        Each clear-on-read register is read once per call and added to its total.
-        rx/tx_packets and _bytes are frames handed to software by rx_batch / taken by
-        tx_batch, without FCS, summed over the queues (the data path's counters: the 82576
-        has no per-queue hardware counters for them); rx_good_bytes/tx_good_bytes are the
-        MAC's and include the FCS. rx_no_descriptor sums RQDPC over the RX queues.
-        Raises DeviceRemovedError if the card is gone.
-        """
-        with self._lock:
-            self._accumulate()
-            totals = {
-                key: sum(c.total for c in counters) for key, counters in self._counters.items()
-            }
-            per_queue = self._software_queue_counters()
-        totals.update({key: sum(values) for key, values in per_queue.items()})
-        return totals
 
     def queue_stats(self) -> dict[str, list[int]]:
         """Per-queue 64-bit totals: rx_packets, rx_bytes, rx_no_descriptor (one entry per RX
@@ -607,59 +460,22 @@ class IgbPort:
         )
         return out
 
-    def _accumulate(self) -> None:
-        self._check_open()
-        for counters in self._counters.values():
-            for counter in counters:
-                counter.accumulate()
-
-    def check_removed(self) -> None:
-        """Raise DeviceRemovedError if the card reads all-ones (unplugged, link lost, reset)."""
-        self.regs.check_removed()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise DeviceError(f"{self.dev.address}: the port is shut down")
+    def _software_totals(self) -> dict[str, int]:
+        return {key: sum(values) for key, values in self._software_queue_counters().items()}
 
     # =====================================================================================
     # Shutdown
     # =====================================================================================
-    def shutdown(self) -> None:
-        """Stop the port and free its memory.
-
-        Receive off, RX queues disabled, TX given a bounded time to drain, TX queues and
-        transmit disabled, master disable; then bus mastering off and every buffer and ring
-        freed. A removed card or a step that times out does not stop the rest: bus mastering
-        is always switched off and the memory always freed. Idempotent. Stop the workers that
-        use this port's queues first.
-        """
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                self._stop_device()
-            finally:
-                self._release()
-
-    def _stop_device(self) -> None:
-        for step in (
+    def _stop_steps(self) -> tuple:
+        """Receive off, queues off, TX drained, transmit off, master disable (Linux igb_down)."""
+        return (
             self._disable_rx,
             self._stop_rx_queues,
             self._drain_tx,
             self._stop_tx_queues,
             self._disable_tx,
             self._disable_master,
-        ):
-            try:
-                step()
-            except DeviceRemovedError:
-                log.warning(
-                    "%s: device removed; skipping the rest of its stop sequence", self.dev.address
-                )
-                return
-            except DeviceTimeoutError as exc:
-                log.warning("%s: shutdown step %s: %s", self.dev.address, step.__name__, exc)
+        )
 
     def _disable_rx(self) -> None:
         """No more frames from the wire into the packet buffer."""
@@ -690,25 +506,3 @@ class IgbPort:
     def _disable_tx(self) -> None:
         """Transmit off (Linux igb_down)."""
         self.regs.TCTL.clear_bits(r.TCTL_EN)
-
-    def _release(self) -> None:
-        """Bus mastering off, then free rings and pools: TX first, which returns RX buffers."""
-        try:
-            self.dev.set_bus_master(False)
-        finally:
-            errors = []
-            for queue in [*self.tx_queues, *self.rx_queues]:
-                try:
-                    queue.close()
-                except IxydError as exc:  # free the rest; report the first failure
-                    errors.append(exc)
-            self.tx_queues.clear()
-            self.rx_queues.clear()
-            if errors:
-                raise errors[0]
-
-    def _shutdown_after_failed_init(self) -> None:
-        try:
-            self.shutdown()
-        except IxydError:
-            log.exception("%s: cleaning up after a failed init", self.dev.address)

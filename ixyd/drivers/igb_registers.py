@@ -18,9 +18,7 @@ says so (see also the module docstring of igb.py):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .registers import Layout, Mode, Register
+from .registers import INTEL_RSS_KEY, DeviceInfo, Layout, Mode, Register, device_ids
 
 RO, RW, WO, RC, RC64 = Mode.RO, Mode.RW, Mode.WO, Mode.RC, Mode.RC64
 
@@ -201,9 +199,7 @@ RETA_ENTRIES = 128
 RETA_QUEUE_MASK = 0xF
 RSS_MAX_QUEUES = 16
 # Intel's default RSS key (DPDK's rss_intel_key, used by its e1000 and ixgbe drivers).
-RSS_DEFAULT_KEY = bytes.fromhex(
-    "6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c6a42b73bbeac01fa"
-)
+RSS_DEFAULT_KEY = INTEL_RSS_KEY
 
 RAH_AV = 1 << 31  # address valid
 RAH_ADDRESS_MASK = 0xFFFF  # MAC bytes 4..5; RAL holds bytes 0..3, byte 0 in bits 7:0
@@ -269,21 +265,8 @@ UNSUPPORTED_FAMILY_REASONS = {
 }
 
 
-@dataclass(frozen=True)
-class DeviceInfo:
-    """What a device ID says about a function."""
-
-    device_id: int
-    name: str
-    family: str
-
-    @property
-    def supported(self) -> bool:
-        return self.family in SUPPORTED_FAMILIES
-
-
 def _ids(family: str, entries: dict[int, str]) -> dict[int, DeviceInfo]:
-    return {device_id: DeviceInfo(device_id, name, family) for device_id, name in entries.items()}
+    return device_ids(family, entries, supported=family in SUPPORTED_FAMILIES)
 
 
 DEVICES: dict[int, DeviceInfo] = {

@@ -26,22 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Iterator
-from typing import Self
 
-from ..device import ALL_ONES, PciFunction, PciIds
-from ..errors import (
-    DeviceError,
-    DeviceRemovedError,
-    DeviceTimeoutError,
-    IxydError,
-    UnsupportedDeviceError,
-)
+from ..device import ALL_ONES, PciIds
+from ..errors import DeviceTimeoutError
 from . import ixgbe_registers as r
-from .config import PortConfig
-from .registers import BoundRegister, RegisterArray, RegisterFile
+from . import port
+from .port import QUEUE_TIMEOUT, DeviceInfo, IntelPort
+from .registers import RegisterArray
 from .rings import RxQueue, TxQueue
 
 log = logging.getLogger(__name__)
@@ -52,9 +45,7 @@ MASTER_DISABLE_POLL = 100e-6
 RESET_TIMEOUT = 1.0  # CTRL.RST and CTRL.LRST clear themselves when the reset is done
 RESET_SETTLE = 0.010  # at least 10 ms after a global reset (datasheet 4.6.3.2)
 EEPROM_TIMEOUT = 1.0  # EEC.ARD and RDRXCTL.DMAIDONE after reset
-QUEUE_TIMEOUT = 0.5  # RXDCTL/TXDCTL.ENABLE to read back as written
 TX_DRAIN_TIMEOUT = 0.5  # TDH to reach TDT at shutdown
-LINK_POLL = 0.010
 
 # Packet buffers: without DCB one buffer gets the whole memory, as Linux and DPDK do
 # (ixy gives RX only 128 of the 512 KB and TX 40 of the 160 KB).
@@ -107,90 +98,29 @@ _RX_QUEUE_COUNTERS = {"rx_packets": "QPRC", "rx_bytes": "QBRC", "rx_no_descripto
 _TX_QUEUE_COUNTERS = {"tx_packets": "QPTC", "tx_bytes": "QBTC"}
 
 
-def identify(ids: PciIds) -> r.DeviceInfo:
-    """Look a function up in the device table.
-
-    Raises UnsupportedDeviceError unless it is a supported physical function.
-    """
-    if ids.vendor_id != r.INTEL_VENDOR_ID:
-        raise UnsupportedDeviceError(
-            f"{ids}: not an Intel device (vendor {ids.vendor_id:#06x}); "
-            "the ixgbe driver drives 8086:xxxx functions only"
-        )
-    if ids.device_id in r.VIRTUAL_FUNCTIONS:
-        raise UnsupportedDeviceError(
-            f"{ids} is an SR-IOV virtual function ({r.VIRTUAL_FUNCTIONS[ids.device_id]}), "
-            "not supported: "
-            "ixyd drives physical functions; give it the PF instead"
-        )
-    info = r.DEVICES.get(ids.device_id)
-    if info is None:
-        raise UnsupportedDeviceError(
-            f"{ids}: unknown device ID {ids.device_id:#06x}; supported: 82599 / X520 "
-            f"({', '.join(f'{d:#06x}' for d, i in r.DEVICES.items() if i.supported)})"
-        )
-    if not info.supported:
-        raise UnsupportedDeviceError(
-            f"{ids} is an {info.name} ({info.family} family), not supported yet: "
-            f"{r.UNSUPPORTED_FAMILY_REASONS[info.family]}"
-        )
-    return info
+def identify(ids: PciIds) -> DeviceInfo:
+    """The 82599 device-table entry of a function; UnsupportedDeviceError unless supported."""
+    return port.identify(ids, r, driver="ixgbe", supported="82599 / X520")
 
 
-class IxgbePort:
+class IxgbePort(IntelPort):
     """One 82599 port, initialised and running; `shutdown()` stops it and frees its memory.
 
     Raises, from the constructor: UnsupportedDeviceError (wrong ID), DeviceRemovedError
     (the function reads all-ones), DeviceTimeoutError (a reset step never completed),
     DmaError (no DMA memory). A link that stays down is not an error.
+
+    stats(): rx/tx_packets and _bytes are frames handed to / taken from the rings, without
+    FCS (the per-queue counters); rx_good_bytes/tx_good_bytes include the FCS.
     """
 
-    def __init__(self, dev: PciFunction, config: PortConfig | None = None):
-        self.dev = dev
-        self.config = config if config is not None else PortConfig()
-        self.info = identify(dev.ids)
-        self.regs = RegisterFile(dev, r.REGISTERS)
-        self.rx_queues: list[RxQueue] = []
-        self.tx_queues: list[TxQueue] = []
-        self.mac = b""
-        self.promisc = self.config.promisc
-        self._lock = threading.RLock()  # control-plane register sequences; workers touch only tails
-        self._counters: dict[str, list[BoundRegister]] = {}  # stats key -> instances read
-        self._closed = False
-        try:
-            self._reset_and_init()
-        except BaseException:
-            self._shutdown_after_failed_init()
-            raise
-
-    def __repr__(self) -> str:
-        state = (
-            "shut down"
-            if self._closed
-            else f"{len(self.rx_queues)} RX / {len(self.tx_queues)} TX queues"
-        )
-        return f"<IxgbePort {self.dev.address} {self.info.name} {self.mac_address} {state}>"
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-
-    @property
-    def mac_address(self) -> str:
-        """The port's MAC address as text, e.g. '02:1b:21:99:00:00'."""
-        return ":".join(f"{b:02x}" for b in self.mac)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    R = r
+    identify = staticmethod(identify)
 
     # =====================================================================================
     # Bring-up
     # =====================================================================================
-    def _reset_and_init(self) -> None:
-        self._check_present()
+    def _bring_up(self) -> None:
         self._disable_interrupts()
         clean = self._disable_master()
         self.dev.set_bus_master(False)  # no DMA until the rings are ours
@@ -211,16 +141,6 @@ class IxgbePort:
             self._start_tx_queue(txq)
         self._enable_rx()
         self.wait_for_link(self.config.link_timeout)
-
-    def _check_present(self) -> None:
-        """An unplugged card, or one whose BAR is not live, reads all-ones: say so at once."""
-        try:
-            self.regs.check_removed()
-        except DeviceRemovedError as exc:
-            raise DeviceRemovedError(
-                f"{exc}; nothing was initialised. Check that the card is present (lspci), powered "
-                "(D0) and that its PCIe link is up"
-            ) from None
 
     def _disable_interrupts(self) -> None:
         """4.6.3.1: mask every cause (bit 31 is reserved) and clear pending ones by reading EICR.
@@ -261,16 +181,6 @@ class IxgbePort:
         """4.6.3: the EEPROM auto-read and the DMA initialisation must finish after a reset."""
         self.regs.EEC.wait_set(r.EEC_ARD, timeout=EEPROM_TIMEOUT)
         self.regs.RDRXCTL.wait_set(r.RDRXCTL_DMAIDONE, timeout=EEPROM_TIMEOUT)
-
-    def _read_mac(self) -> bytes:
-        """Receive address 0 holds the EEPROM's MAC after reset (nic-facts §A.8)."""
-        low, high = self.regs.RAL[0].read(), self.regs.RAH[0].read()
-        if not high & r.RAH_AV:
-            log.warning(
-                "%s: receive address 0 is not marked valid; unicast filtering may drop everything",
-                self.dev.address,
-            )
-        return low.to_bytes(4, "little") + (high & r.RAH_ADDRESS_MASK).to_bytes(2, "little")
 
     def _init_link(self) -> None:
         """4.6.4: 10G serial link mode, XAUI PMA/PMD, restart autonegotiation.
@@ -331,18 +241,9 @@ class IxgbePort:
 
         RXCSUM.PCSD makes the descriptor carry the hash instead of the IP checksum.
         """
-        regs = self.regs
-        key = self.config.rss_key or r.RSS_DEFAULT_KEY
-        for i, register in enumerate(regs.RSSRK):
-            register.write(
-                int.from_bytes(key[4 * i : 4 * i + 4], "little")
-            )  # key byte 0 in bits 7:0
-        queues = self.config.rx_queues
-        for i, register in enumerate(regs.RETA):
-            entries = [(4 * i + k) % queues for k in range(4)]  # entry e is byte e & 3
-            register.write(int.from_bytes(bytes(entries), "little"))
-        regs.MRQC.write(r.MRQC_MRQE_RSS | RSS_HASH_FIELDS)
-        regs.RXCSUM.set_bits(r.RXCSUM_PCSD)
+        self._write_rss_tables()
+        self.regs.MRQC.write(r.MRQC_MRQE_RSS | RSS_HASH_FIELDS)
+        self.regs.RXCSUM.set_bits(r.RXCSUM_PCSD)
 
     def _init_rx_queue(self, queue: int) -> None:
         """4.6.7, per queue: buffer size and type, ring base and length, head = tail = 0."""
@@ -413,24 +314,6 @@ class IxgbePort:
         self._map_stat_counter(regs.TQSM, queue)
 
     # ----------------------------------------------------------------------- start
-    def _start_rx_queue(self, rxq: RxQueue) -> None:
-        """Arm the ring, enable the queue, then hand the device all descriptors but one."""
-        rxq.fill()
-        q = rxq.index
-        self.regs.RXDCTL[q].set_bits(r.RXDCTL_ENABLE)
-        self.regs.RXDCTL[q].wait_set(r.RXDCTL_ENABLE, timeout=QUEUE_TIMEOUT)
-        self.regs.RDH[q].write(0)
-        # RDT == RDH would mean "no descriptor for the device": leave one slot unused.
-        self.regs.RDT[q].write(rxq.size - 1)
-
-    def _start_tx_queue(self, txq: TxQueue) -> None:
-        """Empty ring (TDH = TDT = 0), then enable the queue."""
-        q = txq.index
-        self.regs.TDH[q].write(0)
-        self.regs.TDT[q].write(0)
-        self.regs.TXDCTL[q].set_bits(r.TXDCTL_ENABLE)
-        self.regs.TXDCTL[q].wait_set(r.TXDCTL_ENABLE, timeout=QUEUE_TIMEOUT)
-
     def _enable_rx(self) -> None:
         """The last step of receive set-up: RXCTRL.RXEN."""
         self.regs.RXCTRL.set_bits(r.RXCTRL_RXEN)
@@ -447,25 +330,6 @@ class IxgbePort:
         if not links & r.LINKS_UP:
             return False, 0
         return True, r.LINKS_SPEED_MBPS.get(links & r.LINKS_SPEED_MASK, 0)
-
-    def wait_for_link(self, timeout: float) -> bool:
-        """Wait up to timeout seconds for the link; return whether it is up. Never raises for a
-        link that stays down (DeviceRemovedError if the card is gone)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            up, speed = self.link()
-            if up:
-                log.info("%s: link up at %d Mb/s", self.dev.address, speed)
-                return True
-            if time.monotonic() >= deadline:
-                if timeout > 0:
-                    log.warning(
-                        "%s: link still down after %g s; the port works once it comes up",
-                        self.dev.address,
-                        timeout,
-                    )
-                return False
-            time.sleep(LINK_POLL)
 
     def set_promisc(self, on: bool) -> None:
         """Accept (on) or filter (off) frames for other unicast and multicast addresses.
@@ -490,18 +354,6 @@ class IxgbePort:
             if was_on:
                 self.regs.RXCTRL.set_bits(r.RXCTRL_RXEN)
 
-    def stats(self) -> dict[str, int]:
-        """Port statistics as 64-bit totals since init.
-
-        Each clear-on-read register is read once per call and added to its total.
-        rx/tx_packets and _bytes are frames handed to / taken from the rings, without FCS
-        (from the per-queue counters); rx_good_bytes/tx_good_bytes include the FCS.
-        Raises DeviceRemovedError if the card is gone.
-        """
-        with self._lock:
-            self._accumulate()
-            return {key: sum(c.total for c in counters) for key, counters in self._counters.items()}
-
     def queue_stats(self) -> dict[str, list[int]]:
         """Per-queue 64-bit totals: rx_packets, rx_bytes, rx_no_descriptor (one entry per RX
         queue), tx_packets, tx_bytes (one per TX queue). Reads the counters like stats()."""
@@ -512,58 +364,18 @@ class IxgbePort:
                 for key in (*_RX_QUEUE_COUNTERS, *_TX_QUEUE_COUNTERS)
             }
 
-    def _accumulate(self) -> None:
-        self._check_open()
-        for counters in self._counters.values():
-            for counter in counters:
-                counter.accumulate()
-
-    def check_removed(self) -> None:
-        """Raise DeviceRemovedError if the card reads all-ones (unplugged, link lost, reset)."""
-        self.regs.check_removed()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise DeviceError(f"{self.dev.address}: the port is shut down")
-
     # =====================================================================================
     # Shutdown
     # =====================================================================================
-    def shutdown(self) -> None:
-        """Stop the port and free its memory (nic-facts §D.3, stop part).
-
-        Receive off, RX queues disabled, TX given a bounded time to drain, TX queues
-        disabled, master disable; then bus mastering off and every buffer and ring freed.
-        A removed card or a step that times out does not stop the rest: bus mastering is
-        always switched off and the memory always freed. Idempotent. Stop the workers that
-        use this port's queues first.
-        """
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                self._stop_device()
-            finally:
-                self._release()
-
-    def _stop_device(self) -> None:
-        for step in (
+    def _stop_steps(self) -> tuple:
+        """nic-facts §D.3, stop part: receive off, queues off, TX drained, master disable."""
+        return (
             self._disable_rx,
             self._stop_rx_queues,
             self._drain_tx,
             self._stop_tx_queues,
             self._disable_master,
-        ):
-            try:
-                step()
-            except DeviceRemovedError:
-                log.warning(
-                    "%s: device removed; skipping the rest of its stop sequence", self.dev.address
-                )
-                return
-            except DeviceTimeoutError as exc:
-                log.warning("%s: shutdown step %s: %s", self.dev.address, step.__name__, exc)
+        )
 
     def _disable_rx(self) -> None:
         """No more frames from the wire into the packet buffer."""
@@ -590,25 +402,3 @@ class IxgbePort:
             self.regs.TXDCTL[txq.index].write(r.TXDCTL_SWFLSH)
         for txq in self.tx_queues:
             self.regs.TXDCTL[txq.index].wait_clear(r.TXDCTL_ENABLE, timeout=QUEUE_TIMEOUT)
-
-    def _release(self) -> None:
-        """Bus mastering off, then free rings and pools: TX first, which returns RX buffers."""
-        try:
-            self.dev.set_bus_master(False)
-        finally:
-            errors = []
-            for queue in [*self.tx_queues, *self.rx_queues]:
-                try:
-                    queue.close()
-                except IxydError as exc:  # free the rest; report the first failure
-                    errors.append(exc)
-            self.tx_queues.clear()
-            self.rx_queues.clear()
-            if errors:
-                raise errors[0]
-
-    def _shutdown_after_failed_init(self) -> None:
-        try:
-            self.shutdown()
-        except IxydError:
-            log.exception("%s: cleaning up after a failed init", self.dev.address)

@@ -294,3 +294,29 @@ class RegisterFile:
         for counter in self.counters():
             counter.read()
             counter.total = 0
+
+
+# ---------------------------------------------------------------- device tables
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a device ID says about a function."""
+
+    device_id: int
+    name: str
+    family: str
+    supported: bool
+
+
+def device_ids(family: str, entries: dict[int, str], supported: bool) -> dict[int, DeviceInfo]:
+    """Device-table entries for one family: {device ID: DeviceInfo}."""
+    return {
+        device_id: DeviceInfo(device_id, name, family, supported)
+        for device_id, name in entries.items()
+    }
+
+
+# Intel's default RSS key (82599 datasheet 7.1.2.8.3; DPDK's rss_intel_key for ixgbe and
+# e1000), used when the configuration names none.
+INTEL_RSS_KEY = bytes.fromhex(
+    "6d5a56da255b0ec24167253d43a38fb0d0ca2bcbae7b30b477cb2da38030f20c6a42b73bbeac01fa"
+)
