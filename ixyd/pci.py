@@ -317,9 +317,8 @@ def bind_vfio(
             f"{address} has no IOMMU group: the IOMMU is off. Enable VT-d (AMD-Vi) in the "
             f"firmware and boot with intel_iommu=on (AMD: on by default)"
         )
-    if info.driver == VFIO_PCI:
-        return _bindings.setdefault(address, Binding(address, None, (), info.iommu_group))
-
+    # The group check comes first, also for a device already on vfio-pci: its group is
+    # no more usable than before while another member sits on a kernel driver.
     blockers = group_blockers(info.iommu_group, sysfs, exclude=(address,))
     if blockers and not force:
         others = ", ".join(f"{a} (bound to {d})" for a, d in blockers)
@@ -328,6 +327,8 @@ def bind_vfio(
             f"use the group when all of its devices are on vfio-pci. Use "
             f"bind_vfio_group({address!r}) to bind them all, or force=True"
         )
+    if info.driver == VFIO_PCI:
+        return _bindings.setdefault(address, Binding(address, None, (), info.iommu_group))
     if info.driver is not None:
         check_netdevs_idle(address, info.netdevs, force=force, netns=netns)
         set_netdevs_down(info.netdevs, netns=netns)

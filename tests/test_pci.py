@@ -229,6 +229,15 @@ def test_bind_refuses_a_device_whose_group_sibling_is_on_a_kernel_driver(sysfs):
     assert sysfs.writes == [] and sysfs.driver(PORT0) == "ixgbe"
 
 
+def test_bind_refuses_a_device_already_on_vfio_while_its_group_sibling_is_not(sysfs):
+    os.unlink(sysfs.path("bus", "pci", "devices", PORT0, "driver"))
+    bind(sysfs, PORT0, "vfio-pci")  # someone bound one function by hand
+    writes = list(sysfs.writes)
+    with pytest.raises(PciBindError, match=rf"IOMMU group 14 with {PORT1} \(bound to ixgbe\)"):
+        bind_vfio(PORT0, sysfs=sysfs)
+    assert sysfs.writes == writes
+
+
 def test_bind_group_binds_every_blocking_member_and_leaves_the_bridge(sysfs):
     bindings = bind_vfio_group(PORT0, sysfs=sysfs)
     assert [b.address for b in bindings] == [PORT0, PORT1]

@@ -67,6 +67,22 @@ IGB_PORTS = (
     GuestIgbPort(bdf="0000:01:00.0", mac="52:54:00:00:00:02", root_port="rp2"),
 )
 
+# run_in_guest(topology=...): "default" is the table above. "shared-group" puts both igb on
+# the conventional PCI bus of one pcie-pci-bridge (behind rp1): DMA from behind a PCIe-to-PCI
+# bridge carries the bridge's requester ID, so the kernel puts the bridge and both functions
+# into one IOMMU group (observed: group 6 = 01:00.0 bridge, 02:01.0, 02:03.0). Two igb as
+# functions 0 and 1 of one slot would not do: the guest kernel enumerates only function 0.
+# For tests of a group that is not viable.
+TOPOLOGIES = ("default", "shared-group")
+SHARED_GROUP_BRIDGE = "br1"
+IGB_PORTS_SHARED_GROUP = (
+    GuestIgbPort(bdf="0000:02:01.0", mac="52:54:00:00:00:01", root_port="rp1"),
+    GuestIgbPort(bdf="0000:02:03.0", mac="52:54:00:00:00:02", root_port="rp1"),
+)
+# Bridge slots of the two igb: each PF reserves 8 igbvf slots at devfn + 0x80 (stride 2),
+# so slots 1 and 2 would clash ("slot 18 function 0 not available for igbvf"); 1 and 3 don't.
+SHARED_GROUP_SLOTS = (1, 3)
+
 # Host packages (recipe §1). QEMU >= 10 comes from bookworm-backports, pinned per package:
 # `-t bookworm-backports` would also upgrade systemd and udev on the host.
 BACKPORTS = "bookworm-backports"
@@ -574,9 +590,14 @@ def _decompress_module(source: Path, target: Path) -> None:
 # Running a guest
 
 
-def qemu_command(host: VmHost, share: Path, kernel_args: Sequence[str]) -> list[str]:
+def qemu_command(
+    host: VmHost, share: Path, kernel_args: Sequence[str], topology: str = "default"
+) -> list[str]:
     """The QEMU command line of recipe §4, with `share` as the guest's writable `out` tag.
-    Keep the order of the devices: it decides the guest's PCI addresses (IGB_PORTS)."""
+    Keep the order of the devices: it decides the guest's PCI addresses (IGB_PORTS, or
+    IGB_PORTS_SHARED_GROUP for topology="shared-group")."""
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"unknown topology {topology!r}; one of {', '.join(TOPOLOGIES)}")
     options = [
         "-accel tcg,thread=multi,tb-size=256 -cpu max",  # KVM here is kvm_pvm: unusable
         "-machine q35,kernel-irqchip=split -m 1024 -smp 2",
@@ -586,13 +607,28 @@ def qemu_command(host: VmHost, share: Path, kernel_args: Sequence[str]) -> list[
         "-virtfs local,path=/,mount_tag=root,security_model=none,readonly=on,multidevs=remap",
         f"-virtfs local,path={share},mount_tag=out,security_model=none",
         "-netdev hubport,id=p0,hubid=0 -netdev hubport,id=p1,hubid=0",  # the wire between
-        "-device pcie-root-port,id=rp1,chassis=1,slot=1",  # one igb per root port: own
-        "-device pcie-root-port,id=rp2,chassis=2,slot=2",  # IOMMU group, no igbvf clash
-        *(
-            f"-device igb,bus={port.root_port},netdev=p{i},mac={port.mac},romfile="
-            for i, port in enumerate(IGB_PORTS)
-        ),
     ]
+    if topology == "default":
+        options += [
+            "-device pcie-root-port,id=rp1,chassis=1,slot=1",  # one igb per root port: own
+            "-device pcie-root-port,id=rp2,chassis=2,slot=2",  # IOMMU group, no igbvf clash
+            *(
+                f"-device igb,bus={port.root_port},netdev=p{i},mac={port.mac},romfile="
+                for i, port in enumerate(IGB_PORTS)
+            ),
+        ]
+    else:  # shared-group: both igb behind one PCIe-to-PCI bridge, one IOMMU group
+        options += [
+            "-device pcie-root-port,id=rp1,chassis=1,slot=1",
+            f"-device pcie-pci-bridge,id={SHARED_GROUP_BRIDGE},bus=rp1",
+            *(
+                f"-device igb,bus={SHARED_GROUP_BRIDGE},addr={slot:#x},netdev=p{i},"
+                f"mac={port.mac},romfile="
+                for i, (port, slot) in enumerate(
+                    zip(IGB_PORTS_SHARED_GROUP, SHARED_GROUP_SLOTS, strict=True)
+                )
+            ),
+        ]
     return [QEMU, *" ".join(options).split(), "-append", " ".join(kernel_args)]
 
 
@@ -603,6 +639,7 @@ def run_in_guest(
     with_igb_driver: bool = False,
     env: Mapping[str, str] | None = None,
     host: VmHost | None = None,
+    topology: str = "default",
 ) -> GuestResult:
     """Boots the guest, runs `command` as root in the repo root and powers off.
 
@@ -615,6 +652,8 @@ def run_in_guest(
         (otherwise no driver is bound and only vfio-pci and vfio_iommu_type1 are loaded).
     env: extra environment; the command starts from a clean one: PATH (repo .venv/bin
         first), HOME=/root, LANG=C.UTF-8, IXYD_VM_GUEST=1; no PYTHONPATH unless given here.
+    topology: "default" (IGB_PORTS: each igb alone in its IOMMU group) or "shared-group"
+        (IGB_PORTS_SHARED_GROUP: both igb in one IOMMU group, behind a pcie-pci-bridge).
     Raises GuestTimeout, GuestError (no result: panic, init failure), HostSetupError.
     """
     host = host or ensure_host()
@@ -641,7 +680,7 @@ def run_in_guest(
         started = time.monotonic()
         with open(console_path, "wb") as console_file:
             qemu = subprocess.Popen(
-                qemu_command(host, share, kernel_args),
+                qemu_command(host, share, kernel_args, topology),
                 stdin=subprocess.DEVNULL,
                 stdout=console_file,
                 stderr=subprocess.STDOUT,
@@ -751,13 +790,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=90, help="seconds for the whole run")
     parser.add_argument("--console", action="store_true", help="print the serial console too")
     parser.add_argument("--dmesg", action="store_true", help="print the guest's dmesg too")
+    parser.add_argument("--topology", choices=TOPOLOGIES, default="default", help="PCI layout")
     parser.add_argument("command", nargs="+", help="argv to run (a single word: a bash script)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="ixyd-vm: %(message)s")
     command = args.command[0] if len(args.command) == 1 else args.command
     try:
         host = ensure_host()
-        result = run_in_guest(command, timeout=args.timeout, with_igb_driver=args.igb, host=host)
+        result = run_in_guest(
+            command,
+            timeout=args.timeout,
+            with_igb_driver=args.igb,
+            host=host,
+            topology=args.topology,
+        )
     except GuestError as e:
         if args.console:
             print(e.console)

@@ -5,7 +5,8 @@ scenarios/vfio_backend.py does the work and checks each step itself; it prints o
 `VFIO_SCENARIO_RESULT <json>`. These tests assert its exit code and that summary, and
 cross-check the guest kernel's log. Run twice: with the kernel's igb driver bound first
 (bind takes the ports from igb, release gives them back and the interfaces reappear) and
-with the ports unbound.
+with the ports unbound. scenarios/vfio_not_viable.py (topology="shared-group": both igb in
+one IOMMU group) checks the errors for a group that is only half on vfio-pci.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import IGB_PORTS, SCENARIOS, VmHost
+from harness import IGB_PORTS, IGB_PORTS_SHARED_GROUP, SCENARIOS, VmHost
 
 pytestmark = pytest.mark.vm
 
@@ -107,3 +108,67 @@ def test_vfio_backend_with_unbound_ports(vm: VmHost):
     for port in IGB_PORTS:
         assert summary["checks"][f"bound {port.bdf}"]["detail"]["original"] is None
         assert summary["checks"][f"released {port.bdf}"]["detail"] is None  # no driver again
+
+
+def test_vfio_group_not_viable_is_explained(vm: VmHost):
+    """Both igb in one IOMMU group (topology="shared-group"), igb bound to both; only one
+    put on vfio-pci by hand: opening it fails with GroupNotViableError naming the other
+    function and its driver, bind_vfio refuses without touching anything, and
+    bind_vfio_group makes the group usable."""
+    result = vm.run(
+        [".venv/bin/python", str(SCENARIOS / "vfio_not_viable.py")],
+        timeout=120,
+        with_igb_driver=True,
+        topology="shared-group",
+    )
+    marker = "VFIO_NOT_VIABLE_RESULT "
+    lines = [line for line in result.output.splitlines() if line.startswith(marker)]
+    assert lines, f"no summary line in the scenario output:\n{result.output[-4000:]}"
+    summary = json.loads(lines[-1][len(marker) :])
+    assert result.returncode == 0 and not summary["failures"], (
+        summary.get("error"),
+        summary["failures"],
+        result.output[-4000:],
+    )
+    checks = summary["checks"]
+    names = (
+        "two_igb_ports",
+        "shared_group",
+        "igb_bound_to_both",
+        "bind_vfio_refused",
+        "refusal_changed_nothing",
+        "half_bound_by_hand",
+        "open_not_viable",
+        "no_group_attached",
+        "group_fd_closed",
+        "container_closed",
+        "still_half_bound",
+        "bind_vfio_group",
+        "open_viable",
+        "closed",
+        "released_to_igb",
+    )
+    assert [name for name in names if not checks.get(name, {}).get("ok")] == []
+
+    first, other = (port.bdf for port in IGB_PORTS_SHARED_GROUP)
+    assert summary["ports"] == {port.bdf: port.mac for port in IGB_PORTS_SHARED_GROUP}
+    assert (summary["first"], summary["other"]) == (first, other)
+    group = summary["group"]
+    assert {first, other} <= set(summary["group_members"])  # one group, the bridge with them
+
+    # The exact words a user sees, from ixyd.vfio and ixyd.pci.
+    assert summary["not_viable_message"] == (
+        f"IOMMU group {group} is not viable: {other} is bound to igb; bind it to vfio-pci "
+        f"(ixyd.pci.bind_vfio_group binds the whole group)"
+    )
+    refusal = summary["bind_vfio_message"]
+    assert f"{first} shares IOMMU group {group} with {other} (bound to igb)" in refusal
+    assert f"bind_vfio_group({first!r})" in refusal
+    assert summary["checks"]["refusal_changed_nothing"]["detail"] == summary["before"]
+
+    half = summary["half_bound"]
+    assert half[first]["driver"] == "vfio-pci" and half[other]["driver"] == "igb"
+    bindings = checks["bind_vfio_group"]["detail"]["bindings"]
+    assert {b["address"]: b["original"] for b in bindings}[other] == "igb"
+    assert checks["open_viable"]["detail"] == {"groups": [group], "bar0_macs": summary["ports"]}
+    assert "DMAR: [DMA" not in result.dmesg and "handling fault" not in result.dmesg
