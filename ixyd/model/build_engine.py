@@ -1,5 +1,6 @@
 """cffi API-mode build of the 82599 model's packet engine (module ixyd.model._engine)."""
 
+import glob
 import os
 import re
 
@@ -47,11 +48,18 @@ ffibuilder.set_source(
 
 if __name__ == "__main__":
     # Development build in place: python ixyd/model/build_engine.py
-    root = os.path.dirname(os.path.dirname(HERE))
-    os.chdir(root)
-    ffibuilder.compile(tmpdir=os.path.join(root, "build", "cffi"), verbose=False)
-    import glob
     import shutil
 
-    for so in glob.glob(os.path.join(root, "build", "cffi", "ixyd", "model", "_engine*.so")):
-        shutil.copy(so, os.path.join(HERE, os.path.basename(so)))
+    root = os.path.dirname(os.path.dirname(HERE))
+    built = ffibuilder.compile(tmpdir=os.path.join(root, "build", "cffi"), verbose=False)
+    target = os.path.join(HERE, os.path.basename(built).split(".")[0] + ".abi3.so")
+    # copy, then rename: overwriting the file in place would change the pages of a module a
+    # running process has mapped (SIGBUS); a rename leaves that process its old file
+    shutil.copyfile(built, target + ".tmp")
+    os.replace(target + ".tmp", target)
+    # the same file name as pip's build (module.abi3.so): Python prefers a module.cpython-3xx
+    # twin over it, so a stale one of those would shadow every fresh build; remove it
+    stem = os.path.basename(target).split(".")[0]
+    for twin in glob.glob(os.path.join(os.path.dirname(target), stem + ".*.so")):
+        if twin != target:
+            os.remove(twin)

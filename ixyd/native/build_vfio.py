@@ -11,6 +11,7 @@ development: the extension is compiled under build/cffi and copied into ixyd/.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
@@ -159,9 +160,15 @@ def build_in_place() -> str:
     build_dir = os.path.join(os.path.dirname(package_dir), "build", "cffi")
     os.makedirs(build_dir, exist_ok=True)
     built = ffibuilder.compile(tmpdir=build_dir, verbose=False)
-    target = os.path.join(package_dir, os.path.basename(built))
+    target = os.path.join(package_dir, os.path.basename(built).split(".")[0] + ".abi3.so")
     shutil.copyfile(built, target + ".tmp")
     os.replace(target + ".tmp", target)  # atomic: a running process keeps its old mapping
+    # the same file name as pip's build (module.abi3.so): Python prefers a module.cpython-3xx
+    # twin over it, so a stale one of those would shadow every fresh build; remove it
+    stem = os.path.basename(target).split(".")[0]
+    for twin in glob.glob(os.path.join(os.path.dirname(target), stem + ".*.so")):
+        if twin != target:
+            os.remove(twin)
     return target
 
 
