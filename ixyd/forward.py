@@ -20,15 +20,9 @@ import threading
 from ._datapath import ffi, lib
 from .drivers.rings import RxQueue, TxQueue
 from .errors import ConfigError
+from .worker import check_cpu
 
 FWD_STATS_FIELDS = ("packets", "bytes", "drop_tx_full", "iterations", "empty_polls")
-
-
-def check_cpu(cpu: int) -> None:
-    """Raise ConfigError unless `cpu` is a core this process may run on."""
-    allowed = os.sched_getaffinity(0)
-    if cpu not in allowed:
-        raise ConfigError(f"CPU {cpu} is not available to ixyd (allowed: {sorted(allowed)})")
 
 
 class ForwardWorker:

@@ -13,6 +13,9 @@
  */
 #include "datapath.h"
 
+#include <string.h>
+#include <time.h>
+
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "descriptors are little-endian and are accessed without byte swaps"
 #endif
@@ -434,6 +437,357 @@ uint64_t ixyd_forward_iterations(struct ixyd_rxq *rx, struct ixyd_txq *tx, uint3
         publish(st, &acc);
     }
     return acc.packets - start;
+}
+
+/* ---------------------------------------------------------------- SPSC rings */
+
+int ixyd_spsc_init(struct ixyd_spsc *r, struct ixyd_pkt **slots, uint32_t size)
+{
+    if (!r || !slots || !is_pow2(size) || size < 2 || size > 65536)
+        return -1;
+    *r = (struct ixyd_spsc){.slots = slots, .mask = size - 1};
+    return 0;
+}
+
+/* Producer: acquire the consumer's tail (it has read the slots it freed), fill, release head. */
+static inline uint32_t spsc_push(struct ixyd_spsc *r, struct ixyd_pkt *const *pkts, uint32_t n)
+{
+    uint32_t head = __atomic_load_n(&r->head, __ATOMIC_RELAXED);   /* our own index */
+    uint32_t room = r->mask + 1 - (head - __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE));
+    if (n > room)
+        n = room;
+    for (uint32_t k = 0; k < n; k++)
+        r->slots[(head + k) & r->mask] = pkts[k];
+    if (n)
+        __atomic_store_n(&r->head, head + n, __ATOMIC_RELEASE);
+    return n;
+}
+
+/* Consumer: acquire the producer's head (slots and frames are written), read, release tail. */
+static inline uint32_t spsc_pop(struct ixyd_spsc *r, struct ixyd_pkt **out, uint32_t max)
+{
+    uint32_t tail = __atomic_load_n(&r->tail, __ATOMIC_RELAXED);   /* our own index */
+    uint32_t n = __atomic_load_n(&r->head, __ATOMIC_ACQUIRE) - tail;
+    if (n > max)
+        n = max;
+    for (uint32_t k = 0; k < n; k++)
+        out[k] = r->slots[(tail + k) & r->mask];
+    if (n)
+        __atomic_store_n(&r->tail, tail + n, __ATOMIC_RELEASE);
+    return n;
+}
+
+static inline uint32_t spsc_count(struct ixyd_spsc *r)
+{
+    uint32_t tail = __atomic_load_n(&r->tail, __ATOMIC_ACQUIRE);
+    return __atomic_load_n(&r->head, __ATOMIC_ACQUIRE) - tail;
+}
+
+uint32_t ixyd_spsc_push(struct ixyd_spsc *r, struct ixyd_pkt **pkts, uint32_t n)
+{
+    return spsc_push(r, pkts, n);
+}
+
+uint32_t ixyd_spsc_pop(struct ixyd_spsc *r, struct ixyd_pkt **out, uint32_t max)
+{
+    return spsc_pop(r, out, max);
+}
+
+uint32_t ixyd_spsc_count(struct ixyd_spsc *r) { return spsc_count(r); }
+
+int ixyd_exception_init(struct ixyd_exception *x, struct ixyd_pkt **slots, uint32_t size)
+{
+    if (!x || !slots)
+        return -1;
+    return ixyd_spsc_init(&x->to_host, slots, size) | ixyd_spsc_init(&x->to_wire, slots + size, size) |
+           ixyd_spsc_init(&x->returned, slots + 2 * size, size) |
+           ixyd_spsc_init(&x->empty, slots + 3 * size, size);
+}
+
+/* ---------------------------------------------------------------- worker */
+
+#define NS_PER_S 1000000000ull
+/* Counters have one writer (the worker): a relaxed load and store, no locked add. */
+#define ADD(dst, n) PUBLISH(dst, (dst) + (n))
+
+int ixyd_fwd_entry_set(struct ixyd_fwd_entry *e, uint32_t mode, uint32_t flags, uint32_t txq)
+{
+    if (!e || mode > IXYD_MODE_EXCEPTION || flags > 0xFF || txq > IXYD_FWD_TXQ_MASK)
+        return -1;
+    uint64_t generation = (__atomic_load_n(&e->word, __ATOMIC_RELAXED) >> IXYD_FWD_GEN_SHIFT) + 1;
+    uint64_t word = generation << IXYD_FWD_GEN_SHIFT | (uint64_t)flags << IXYD_FWD_FLAGS_SHIFT |
+                    (uint64_t)mode << IXYD_FWD_MODE_SHIFT | txq;
+    __atomic_store_n(&e->word, word, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* The control plane validates entries; a word that names a TX queue this worker does not
+ * have, or EXCEPTION without a channel, is treated as DROP rather than trusted. */
+static void apply_entry(const struct ixyd_worker *w, struct ixyd_worker_queue *q, uint64_t word)
+{
+    uint32_t mode = (word >> IXYD_FWD_MODE_SHIFT) & 0xFF, index = word & IXYD_FWD_TXQ_MASK;
+    if (mode > IXYD_MODE_EXCEPTION || index >= w->ntxq ||
+        (mode == IXYD_MODE_EXCEPTION && !q->exception))
+        mode = IXYD_MODE_DROP;
+    q->mode = mode;
+    q->flags = (word >> IXYD_FWD_FLAGS_SHIFT) & 0xFF;
+    q->txq = mode == IXYD_MODE_DROP ? NULL : w->txqs[index];
+    if (mode == IXYD_MODE_EXCEPTION)
+        q->host_txq = q->txq;
+    PUBLISH(q->stats.applied, word);
+}
+
+int ixyd_worker_init(struct ixyd_worker *w, struct ixyd_worker_queue *queues, uint32_t nqueues,
+                     struct ixyd_txq **txqs, struct ixyd_generator **generators, uint32_t ntxq,
+                     uint32_t batch)
+{
+    if (!w || !queues || !txqs || !generators || ntxq > IXYD_FWD_TXQ_MASK)
+        return -1;
+    for (uint32_t i = 0; i < nqueues; i++)
+        if (!queues[i].rxq || !queues[i].entry)
+            return -1;
+    for (uint32_t t = 0; t < ntxq; t++)
+        if (!txqs[t])
+            return -1;
+    *w = (struct ixyd_worker){.queues = queues, .nqueues = nqueues, .txqs = txqs,
+                              .generators = generators, .ntxq = ntxq,
+                              .batch = clamp_batch(batch)};
+    for (uint32_t i = 0; i < nqueues; i++) {
+        struct ixyd_worker_queue *q = &queues[i];
+        q->host_txq = NULL;
+        q->stats = (struct ixyd_queue_stats){0};
+        apply_entry(w, q, __atomic_load_n(&q->entry->word, __ATOMIC_ACQUIRE));
+    }
+    return 0;
+}
+
+int ixyd_worker_set_generator(struct ixyd_worker *w, uint32_t txq, struct ixyd_generator *g)
+{
+    if (!w || txq >= w->ntxq)
+        return -1;
+    __atomic_store_n(&w->generators[txq], g, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static inline void swap_macs(struct ixyd_pkt *const *pkts, uint32_t n)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        uint8_t *d = pkts[k]->data, dst[6];
+        memcpy(dst, d, 6);
+        memcpy(d, d + 6, 6);
+        memcpy(d + 6, dst, 6);
+    }
+}
+
+/* Send what fits; free the rest. Returns the number sent. */
+static inline uint32_t send_or_free(struct ixyd_txq *tx, struct ixyd_pkt **pkts, uint32_t n)
+{
+    uint32_t sent = tx ? ixyd_tx_batch(tx, pkts, n) : 0;
+    if (unlikely(sent < n))
+        free_bulk(pkts + sent, n - sent);
+    return sent;
+}
+
+/* One received batch, handled under one entry. */
+static inline void handle_batch(struct ixyd_worker_queue *q, struct ixyd_pkt **bufs, uint32_t n)
+{
+    struct ixyd_queue_stats *st = &q->stats;
+    switch (q->mode) {
+    case IXYD_MODE_REFLECT:
+    case IXYD_MODE_PORT: {
+        if (q->flags & IXYD_FWD_SWAP_MAC)
+            swap_macs(bufs, n);
+        uint32_t sent = send_or_free(q->txq, bufs, n);
+        ADD(st->sent, sent);
+        if (sent < n)
+            ADD(st->drop_tx_full, n - sent);
+        break;
+    }
+    case IXYD_MODE_EXCEPTION: {
+        uint32_t pushed = spsc_push(&q->exception->to_host, bufs, n);
+        ADD(st->to_host, pushed);
+        if (pushed < n) {
+            free_bulk(bufs + pushed, n - pushed);
+            ADD(st->drop_exception_full, n - pushed);
+        }
+        break;
+    }
+    default:
+        free_bulk(bufs, n);
+        ADD(st->dropped_by_mode, n);
+    }
+}
+
+static inline uint32_t min_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
+/* Free descriptors on a TX ring, after reclaiming what is done. */
+static inline uint32_t tx_room(struct ixyd_txq *tx)
+{
+    tx_clean(tx);
+    return (tx->clean - tx->tail - 1) & (tx->size - 1);
+}
+
+/* Take back what the host is done with, send its frames, and (in EXCEPTION mode) keep its
+ * supply of empty buffers at least half full, leaving a batch of RX replacements. */
+static inline void service_exception(struct ixyd_worker_queue *q, struct ixyd_pkt **bufs,
+                                     uint32_t batch)
+{
+    struct ixyd_exception *x = q->exception;
+    uint32_t n;
+    do {
+        n = spsc_pop(&x->returned, bufs, batch);
+        free_bulk(bufs, n);
+    } while (n == batch);
+    /* Host frames wait in to_wire while the TX ring is full: the host sees back-pressure
+     * (push takes fewer) instead of losing frames it has already handed over. */
+    struct ixyd_txq *tx = q->host_txq;
+    n = spsc_pop(&x->to_wire, bufs, tx ? min_u32(batch, tx_room(tx)) : batch);
+    if (n) {
+        uint32_t sent = send_or_free(tx, bufs, n);
+        ADD(q->stats.from_host, sent);
+        if (sent < n)
+            ADD(q->stats.drop_from_host, n - sent);
+    }
+    if (q->mode == IXYD_MODE_EXCEPTION) {
+        struct ixyd_mempool *mp = q->rxq->pool;
+        uint32_t size = x->empty.mask + 1, room = size - spsc_count(&x->empty);
+        uint32_t want = min_u32(room, batch);
+        if (room * 2 >= size && mp->free_top >= want + batch &&
+            ixyd_pkt_alloc_bulk(mp, bufs, want))
+            spsc_push(&x->empty, bufs, want);   /* we are its only producer: it fits */
+    }
+}
+
+static inline uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);       /* vDSO: no syscall on the usual clocksources */
+    return (uint64_t)ts.tv_sec * NS_PER_S + (uint64_t)ts.tv_nsec;
+}
+
+/* Rate limiting is a token bucket counted in 1e-9 frames: it fills at `rate` frames per
+ * second and holds at most one batch, so a generator that was held up (TX ring full,
+ * worker stopped) resumes at its rate instead of catching up in a burst. */
+static inline uint32_t generator_credit(struct ixyd_generator *g, uint32_t batch)
+{
+    uint64_t now = monotonic_ns();
+    if (!g->last_ns) {
+        g->credit = NS_PER_S;                  /* the first frame goes at once */
+    } else {
+        uint64_t elapsed = now - g->last_ns;
+        g->credit += (elapsed < NS_PER_S ? elapsed : NS_PER_S) * g->rate;
+        if (g->credit > batch * NS_PER_S)
+            g->credit = batch * NS_PER_S;
+    }
+    g->last_ns = now;
+    return (uint32_t)(g->credit / NS_PER_S);
+}
+
+/* Queue up to one batch of copies of the template, each with the next sequence number. */
+static uint32_t generate(struct ixyd_generator *g, struct ixyd_txq *tx, struct ixyd_pkt **bufs,
+                         uint32_t batch)
+{
+    if (g->done)
+        return 0;
+    uint64_t want = batch;
+    if (g->count && g->count - g->sent < want)
+        want = g->count - g->sent;
+    if (g->rate) {
+        uint32_t allowed = generator_credit(g, batch);
+        if (allowed < want)
+            want = allowed;
+    }
+    uint32_t room = tx_room(tx);
+    if (room < want)
+        want = room;
+    if (want == 0)
+        return 0;
+    if (!ixyd_pkt_alloc_bulk(g->pool, bufs, (uint32_t)want)) {
+        ADD(g->no_buffer, 1);
+        return 0;
+    }
+    for (uint32_t k = 0; k < want; k++) {
+        struct ixyd_pkt *p = bufs[k];
+        memcpy(p->data, g->frame->data, g->size);
+        p->len = g->size;
+        if (g->seq_offset != IXYD_GEN_NO_SEQ) {
+            uint64_t seq = g->seq + k;         /* little-endian, like the host */
+            memcpy(p->data + g->seq_offset, &seq, sizeof(seq));
+        }
+    }
+    uint32_t sent = send_or_free(tx, bufs, (uint32_t)want);   /* all of them: room was checked */
+    g->seq += sent;
+    if (g->rate)
+        g->credit -= sent * NS_PER_S;
+    ADD(g->sent, sent);
+    ADD(g->bytes, (uint64_t)sent * g->size);
+    if (g->count && g->sent >= g->count)
+        __atomic_store_n(&g->done, 1, __ATOMIC_RELEASE);
+    return sent;
+}
+
+/* One round: every RX queue once, then the generators. Returns the frames received. */
+static inline uint64_t worker_round(struct ixyd_worker *w, struct ixyd_pkt **bufs)
+{
+    struct ixyd_worker_stats *st = &w->stats;
+    uint64_t received = 0, bytes = 0, generated = 0;
+    uint32_t empty = 0;
+    for (uint32_t i = 0; i < w->nqueues; i++) {
+        struct ixyd_worker_queue *q = &w->queues[i];
+        uint64_t word = __atomic_load_n(&q->entry->word, __ATOMIC_ACQUIRE);   /* once per batch */
+        if (unlikely(word != q->stats.applied))
+            apply_entry(w, q, word);
+        uint64_t rx_bytes = q->rxq->stats.bytes;
+        uint32_t n = ixyd_rx_batch(q->rxq, bufs, w->batch);
+        if (n) {
+            rx_bytes = q->rxq->stats.bytes - rx_bytes;
+            ADD(q->stats.packets, n);
+            ADD(q->stats.bytes, rx_bytes);
+            handle_batch(q, bufs, n);
+            received += n;
+            bytes += rx_bytes;
+        } else {
+            empty++;
+        }
+        if (q->exception)
+            service_exception(q, bufs, w->batch);
+    }
+    for (uint32_t t = 0; t < w->ntxq; t++) {
+        struct ixyd_generator *g = __atomic_load_n(&w->generators[t], __ATOMIC_ACQUIRE);
+        if (g)
+            generated += generate(g, w->txqs[t], bufs, w->batch);
+    }
+    /* An RX queue whose pool ran dry drops everything and returns nothing; its buffers wait
+     * in TX rings that only a send would clean, perhaps in one it no longer sends to. So
+     * every empty poll cleans all of them (see forward_once). */
+    if (empty)
+        for (uint32_t t = 0; t < w->ntxq; t++)
+            tx_clean(w->txqs[t]);
+    ADD(st->iterations, 1);
+    ADD(st->polls, w->nqueues);
+    ADD(st->empty_polls, empty);
+    ADD(st->packets, received);
+    ADD(st->bytes, bytes);
+    ADD(st->generated, generated);
+    return received;
+}
+
+uint64_t ixyd_worker_run(struct ixyd_worker *w, volatile uint32_t *stop)
+{
+    struct ixyd_pkt *bufs[IXYD_MAX_BATCH];
+    uint64_t received = 0;
+    while (!__atomic_load_n(stop, __ATOMIC_RELAXED))
+        received += worker_round(w, bufs);
+    return received;
+}
+
+uint64_t ixyd_worker_iterations(struct ixyd_worker *w, uint64_t iterations)
+{
+    struct ixyd_pkt *bufs[IXYD_MAX_BATCH];
+    uint64_t received = 0;
+    for (uint64_t it = 0; it < iterations; it++)
+        received += worker_round(w, bufs);
+    return received;
 }
 
 /* ---------------------------------------------------------------- MMIO */

@@ -7,7 +7,8 @@
  *
  * Threading: one queue and one mempool belong to one thread. The device (hardware or the
  * model's thread) is synchronised with acquire loads of descriptor status words and
- * release stores of the tail registers.
+ * release stores of the tail registers. The worker section at the end says which thread
+ * owns which buffer when a worker exchanges packets with another thread.
  */
 #ifndef IXYD_DATAPATH_H
 #define IXYD_DATAPATH_H
@@ -19,9 +20,9 @@
 
 #define IXYD_PKT_HEADROOM 128   /* data[] starts 128 bytes into every pool entry */
 #define IXYD_TX_CLEAN_BATCH 32  /* TX buffers are reclaimed 32 at a time (DPDK tx_rs_thresh) */
-#define IXYD_MAX_BATCH 256
+#define IXYD_MAX_BATCH 256      /* largest batch ixyd_forward and a worker accept */
 #define IXYD_RXE_82599 0x20000000    /* RXE, bit 29 (nic-facts B.2); on the 82576 bit 29 is L4E */
-#define IXYD_RXE_82576 0x80000000    /* RXE, bit 31 (nic-facts C.3) */      /* largest batch ixyd_forward accepts */
+#define IXYD_RXE_82576 0x80000000    /* RXE, bit 31 (nic-facts C.3) */
 
 /* Header of one pool entry, in DMA memory. The device sees only data[]. */
 struct ixyd_pkt {
@@ -134,6 +135,173 @@ uint64_t ixyd_forward(struct ixyd_rxq *rx, struct ixyd_txq *tx, uint32_t batch,
 uint64_t ixyd_forward_iterations(struct ixyd_rxq *rx, struct ixyd_txq *tx, uint32_t batch,
                                  uint64_t iterations, struct ixyd_fwd_stats *st);
 
+/* ---------------------------------------------------------------- worker
+ *
+ * A worker is one thread in ixyd_worker_run. Each round it polls its RX queues in turn and
+ * handles every batch as that queue's forwarding entry says, services the queue's
+ * exception channel, runs its packet generators, and publishes its counters. The control
+ * plane steers it only through memory: forwarding entries, generator slots, the stop flag.
+ * The loop takes no lock and makes no syscall; the one clock read (clock_gettime through
+ * the vDSO, once per generator batch) is there only while a rate-limited generator runs.
+ *
+ * Forwarding entry: one 64-bit word per RX queue, so one atomic load gives a consistent
+ * view (no seqlock, no retry: the worker never waits for the control plane). The worker
+ * loads it once per batch (acquire) and decodes it only when it changed, so a change takes
+ * effect between two batches: every received frame is handled under exactly one entry
+ * and none is lost or sent twice by a switch. The TX queue is an index into the worker's
+ * own TX table, fixed when the worker is built, so no entry can point a worker at a queue
+ * it does not own. The worker publishes the word it applies in its queue stats (applied):
+ * once applied equals the entry's word, every later batch uses it.
+ *
+ * SPSC rings (exception channels): a ring of packet pointers with one producer thread and
+ * one consumer thread. head and tail count pushes and pops since init (free-running 32-bit
+ * counters; head - tail is the fill level) and sit on separate cache lines. The producer
+ * reads tail (acquire: the consumer is done with those slots), writes slots, then
+ * publishes head (release: the slots and the frames they point to are visible to whoever
+ * reads head); the consumer mirrors it. Each index has one writer, so no CAS is needed.
+ *
+ * Buffer ownership. A mempool is a stack without atomics, so exactly one thread may
+ * allocate from a pool or free into it. While a worker runs:
+ *  1. The worker owns the pools of its RX queues and of its generators. It sends only
+ *     buffers of those pools, so the TX clean-up, which frees each sent buffer into its own
+ *     pool, also frees only into pools the worker owns.
+ *  2. A TX queue belongs to one worker: only that worker sends on it and cleans it.
+ *  3. An exception channel's host thread (the TAP bridge) never allocates or frees. It takes
+ *     full buffers from to_host and empty ones from `empty` (the worker fills that ring
+ *     from the RX queue's pool, in EXCEPTION mode), and hands every buffer back through
+ *     the channel it came from (another channel may belong to another worker): through
+ *     to_wire (a frame to send) or through `returned` (done with it). The worker frees or
+ *     sends what comes back; frames wait in to_wire while the TX ring is full.
+ *  4. Pushing a pointer into a ring hands the buffer over; the pusher does not touch it again.
+ *  5. A buffer in a ring or in the host's hands is still counted as taken from its pool.
+ *     Once the worker's thread has ended (joined), the control thread owns the worker's
+ *     pools and may free into them: worker.py drains the rings then (after the host thread
+ *     has stopped using the channel). */
+
+#define IXYD_MODE_DROP 0        /* free each frame, counted in dropped_by_mode */
+#define IXYD_MODE_PORT 1        /* send on the entry's TX queue (normally another port's) */
+#define IXYD_MODE_REFLECT 2     /* send on the entry's TX queue of the same port */
+#define IXYD_MODE_EXCEPTION 3   /* hand to the host; host frames go out of the entry's TX queue */
+#define IXYD_FWD_SWAP_MAC 0x1   /* entry flag: swap destination and source MAC before sending */
+/* Forwarding entry word: generation 63:32 | flags 31:24 | mode 23:16 | TX queue index 15:0 */
+#define IXYD_FWD_TXQ_MASK 0xFFFF
+#define IXYD_FWD_MODE_SHIFT 16
+#define IXYD_FWD_FLAGS_SHIFT 24
+#define IXYD_FWD_GEN_SHIFT 32
+#define IXYD_GEN_NO_SEQ 0xFFFF  /* generator seq_offset: frames carry no sequence number */
+
+struct ixyd_fwd_entry {
+    uint64_t word;               /* written only by ixyd_fwd_entry_set; 0 = DROP */
+};
+
+struct ixyd_spsc {
+    struct ixyd_pkt **slots;     /* size entries */
+    uint32_t mask;               /* size - 1; size is a power of two */
+    uint32_t pad0[13];
+    uint32_t head;               /* pushes since init: written by the producer only */
+    uint32_t pad1[15];
+    uint32_t tail;               /* pops since init: written by the consumer only */
+    uint32_t pad2[15];
+};
+
+/* The rings between a worker and one host thread, for one RX queue. */
+struct ixyd_exception {
+    struct ixyd_spsc to_host;    /* worker -> host: frames received in EXCEPTION mode */
+    struct ixyd_spsc to_wire;    /* host -> worker: frames to send */
+    struct ixyd_spsc returned;   /* host -> worker: buffers the host is done with */
+    struct ixyd_spsc empty;      /* worker -> host: empty buffers to carry frames to the wire */
+};
+
+/* A packet generator on one TX queue. The control plane fills the configuration and the
+ * template before it publishes the generator (ixyd_worker_set_generator); afterwards only
+ * the worker writes to it. */
+struct ixyd_generator {
+    struct ixyd_mempool *pool;   /* frames come from here; owned by the worker */
+    struct ixyd_pkt *frame;      /* the template: data[0..size), a buffer of pool */
+    uint64_t rate;               /* frames per second; 0: as fast as the TX ring takes them */
+    uint64_t count;              /* frames to send in all; 0: no limit */
+    uint64_t seq;                /* next sequence number */
+    uint16_t size;               /* frame length in bytes, without FCS */
+    uint16_t seq_offset;         /* byte offset of the 64-bit little-endian sequence number */
+    uint32_t done;               /* published: 1 once count frames are sent */
+    uint64_t credit;             /* worker's: frames it may send now, in 1e-9 frames */
+    uint64_t last_ns;            /* worker's: CLOCK_MONOTONIC at the last credit update */
+    uint64_t sent;               /* published: frames queued on the TX ring */
+    uint64_t bytes;
+    uint64_t no_buffer;          /* published: batches skipped because the pool was empty */
+};
+
+/* Published per RX queue of a worker (plain 64-bit stores, like ixyd_fwd_stats). */
+struct ixyd_queue_stats {
+    uint64_t packets;            /* frames received */
+    uint64_t bytes;
+    uint64_t sent;               /* PORT, REFLECT: queued on the TX ring */
+    uint64_t dropped_by_mode;    /* DROP */
+    uint64_t drop_tx_full;       /* PORT, REFLECT: TX ring full, freed */
+    uint64_t to_host;            /* EXCEPTION: handed to the host */
+    uint64_t drop_exception_full; /* EXCEPTION: to_host ring full, freed */
+    uint64_t from_host;          /* host frames queued on the TX ring */
+    uint64_t drop_from_host;     /* host frames freed: the queue was never in EXCEPTION mode */
+    uint64_t applied;            /* the entry word in effect */
+};
+
+struct ixyd_worker_queue {
+    struct ixyd_rxq *rxq;
+    struct ixyd_fwd_entry *entry;
+    struct ixyd_exception *exception;  /* NULL: this queue has no exception channel */
+    struct ixyd_txq *txq;        /* worker's: decoded from the entry */
+    struct ixyd_txq *host_txq;   /* worker's: TX queue of the last EXCEPTION entry, for host frames */
+    uint32_t mode;               /* worker's: decoded from the entry */
+    uint32_t flags;
+    struct ixyd_queue_stats stats;
+};
+
+struct ixyd_worker_stats {
+    uint64_t iterations;         /* rounds over all RX queues */
+    uint64_t polls;              /* RX polls */
+    uint64_t empty_polls;        /* RX polls that returned nothing */
+    uint64_t packets;            /* frames received, all queues */
+    uint64_t bytes;
+    uint64_t generated;          /* frames queued by generators */
+};
+
+struct ixyd_worker {
+    struct ixyd_worker_queue *queues;
+    uint32_t nqueues;
+    uint32_t batch;
+    struct ixyd_txq **txqs;      /* the TX queues this worker owns; entries name them by index */
+    struct ixyd_generator **generators;  /* one slot per TX queue, NULL: none */
+    uint32_t ntxq;
+    uint32_t pad;
+    struct ixyd_worker_stats stats;
+};
+
+/* SPSC ring. init returns -1 unless size is a power of two (2..65536). push (producer
+ * only) takes as many of pkts as fit and returns how many; pop (consumer only) returns up
+ * to max. count is the fill level as seen now (any thread). */
+int ixyd_spsc_init(struct ixyd_spsc *r, struct ixyd_pkt **slots, uint32_t size);
+uint32_t ixyd_spsc_push(struct ixyd_spsc *r, struct ixyd_pkt **pkts, uint32_t n);
+uint32_t ixyd_spsc_pop(struct ixyd_spsc *r, struct ixyd_pkt **out, uint32_t max);
+uint32_t ixyd_spsc_count(struct ixyd_spsc *r);
+/* Four rings of size slots each; slots has 4 * size entries. */
+int ixyd_exception_init(struct ixyd_exception *x, struct ixyd_pkt **slots, uint32_t size);
+
+/* Control plane, one writer per entry: publish a new entry word with the next generation
+ * (release store). Returns -1 (entry unchanged) for a mode, flags or index out of range. */
+int ixyd_fwd_entry_set(struct ixyd_fwd_entry *e, uint32_t mode, uint32_t flags, uint32_t txq);
+
+/* queues[k].rxq, .entry and .exception are set by the caller; the rest is initialised here.
+ * batch is clamped to 1..IXYD_MAX_BATCH. Returns -1 for a NULL pointer or ntxq > 65535. */
+int ixyd_worker_init(struct ixyd_worker *w, struct ixyd_worker_queue *queues, uint32_t nqueues,
+                     struct ixyd_txq **txqs, struct ixyd_generator **generators, uint32_t ntxq,
+                     uint32_t batch);
+/* Publish (release) generator g, or NULL, for TX queue index txq; -1 for a bad index. The
+ * generator it replaces may be in use until the worker's current round ends. */
+int ixyd_worker_set_generator(struct ixyd_worker *w, uint32_t txq, struct ixyd_generator *g);
+/* Run rounds until *stop != 0, or a fixed number of them; both return the frames received. */
+uint64_t ixyd_worker_run(struct ixyd_worker *w, volatile uint32_t *stop);
+uint64_t ixyd_worker_iterations(struct ixyd_worker *w, uint64_t iterations);
+
 /* One aligned 32-bit access to a mapped BAR; offset in bytes. */
 uint32_t ixyd_mmio_read32(volatile uint32_t *bar, uint32_t offset);
 void ixyd_mmio_write32(volatile uint32_t *bar, uint32_t offset, uint32_t value);
@@ -144,5 +312,7 @@ _Static_assert(offsetof(struct ixyd_pkt, data) == IXYD_PKT_HEADROOM,
                "packet data must start IXYD_PKT_HEADROOM bytes into the entry");
 _Static_assert(IXYD_PKT_HEADROOM % 128 == 0, "82599 buffers are 128-byte aligned");
 _Static_assert(sizeof(struct ixyd_fwd_stats) == 5 * sizeof(uint64_t), "published layout");
+_Static_assert(offsetof(struct ixyd_spsc, head) == 64 && offsetof(struct ixyd_spsc, tail) == 128,
+               "producer and consumer indices on separate cache lines");
 
 #endif /* IXYD_DATAPATH_H */
