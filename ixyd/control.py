@@ -1,0 +1,950 @@
+"""The control server: newline-delimited JSON-RPC 2.0 on a Unix stream socket.
+
+One JSON-RPC request (or batch) per line in, one response line per request out
+(jsonrpc.org/specification; the protocol and ixyd's methods are in docs/control.md). The
+socket is `/run/ixyd/<instance>.sock`, or the listening socket systemd hands over under
+the name `control` (socket activation, sd_listen_fds_with_names(3)).
+
+The service plugs in through a registry: `register(name, handler, params_schema=...,
+mutating=...)`. Parameters are checked against the declarative schema before the handler
+runs, the peer is authorised from SO_PEERCRED (socket(7)), and every failure becomes a
+JSON-RPC error (`ErrorCode`); a traceback is logged, never sent.
+
+Threads: the server runs an asyncio loop in its own thread, `ixyd-control`. Handlers are
+called on that thread, one at a time, so they need no locking against each other, but
+they block every other client while they run: keep them quick (read published counters,
+flip a flag in shared memory) and never wait on a data-path worker. Data-path workers
+never wait on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import grp
+import json
+import logging
+import os
+import pwd
+import re
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Self
+
+from .errors import ConfigError, IxydError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = "/run/ixyd"
+RUN_DIR_ENV = "IXYD_RUN_DIR"  # overrides DEFAULT_RUN_DIR for the daemon and ixyd-ctl alike
+RUN_DIR_MODE = 0o755  # like DirectoryMode=0755 in ixyd@.socket: anyone may find the socket
+SOCKET_MODE = 0o660  # like SocketMode=0660: the owner and the socket's group may connect
+ACTIVATION_FD_NAME = "control"  # FileDescriptorName= in ixyd@.socket
+SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at fd 3
+
+MAX_LINE = 64 * 1024  # bytes per request line, newline included
+MAX_CLIENTS = 64  # concurrent connections; more are refused with BUSY
+IDLE_TIMEOUT = 60.0  # seconds a client may take to send a complete line or read a reply
+LISTEN_BACKLOG = socket.SOMAXCONN
+STALE_PROBE_TIMEOUT = 1.0  # seconds to wait on connect() when probing an existing socket
+DISCARD_TIMEOUT = 1.0  # seconds to swallow the rest of an oversized request before closing
+DISCARD_LIMIT = 1024 * 1024  # bytes swallowed at most
+CLOSE_TIMEOUT = 2.0  # seconds close() waits for connections to finish
+
+ROOT_UID = 0
+_UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}, socket(7)
+_INSTANCE_NAME = re.compile(r"[A-Za-z0-9_@:.-]+")
+
+
+class ErrorCode(enum.IntEnum):
+    """JSON-RPC error codes: the standard ones (specification §5.1) and ixyd's own, in the
+    range -32000..-32099 that the specification leaves to the server."""
+
+    PARSE_ERROR = -32700  # the line is not UTF-8 or not JSON
+    INVALID_REQUEST = -32600  # JSON, but not a request object (or an empty batch)
+    METHOD_NOT_FOUND = -32601  # no method of that name is registered
+    INVALID_PARAMS = -32602  # missing, unknown or mistyped parameter, or a refused value
+    INTERNAL_ERROR = -32603  # a bug in ixyd; the traceback is in its log, not on the wire
+    UNAUTHORIZED = -32001  # the peer (SO_PEERCRED) may not call this method
+    DEVICE_ERROR = -32002  # the NIC, its DMA memory or its binding failed
+    BUSY = -32003  # a conflicting operation is in progress, or too many clients
+    NOT_FOUND = -32004  # no such port (or other named object)
+    REQUEST_TOO_LARGE = -32005  # a line longer than the limit; the connection is closed
+
+
+class ControlError(IxydError):
+    """The control socket could not be set up (path in use, not a socket, bad handed-over fd)."""
+
+
+class RpcError(Exception):
+    """Raise from a handler to answer with a specific error, e.g.
+    `raise RpcError(ErrorCode.NOT_FOUND, "no port 'eth9'; ports: demo.0, demo.1")`.
+    `data` (any JSON value) travels in the error object's `data` member."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(message)
+        self.code = int(code)
+        self.message = message
+        self.data = data
+
+
+# ---------------------------------------------------------------------------- parameters
+_TYPE_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _is_type(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A value as JSON text for a message, cut to `limit` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method: its JSON type (str, int, float, bool, list or dict;
+    float accepts integers, int refuses booleans and 2.0), whether it must be present,
+    and optionally the allowed values and, for numbers, the inclusive bounds."""
+
+    type: type
+    required: bool = True
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in _TYPE_NAMES:
+            raise TypeError(f"Param type must be one of {sorted(t.__name__ for t in _TYPE_NAMES)}")
+        if self.choices is not None:
+            object.__setattr__(self, "choices", tuple(self.choices))
+        if (self.minimum is not None or self.maximum is not None) and self.type not in (
+            int,
+            float,
+        ):
+            raise TypeError("minimum/maximum apply to int and float parameters only")
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with `value` ("must be an integer, got \"x\""), or None."""
+        if not _is_type(value, self.type):
+            return f"must be {_TYPE_NAMES[self.type]}, got {_show(value)}"
+        if self.choices is not None and value not in self.choices:
+            allowed = ", ".join(_show(c) for c in self.choices)
+            return f"must be one of {allowed}, got {_show(value)}"
+        if self.minimum is not None and value < self.minimum:
+            return f"must be at least {self.minimum}, got {_show(value)}"
+        if self.maximum is not None and value > self.maximum:
+            return f"must be at most {self.maximum}, got {_show(value)}"
+        return None
+
+
+def validate_params(method: str, schema: Mapping[str, Param], params: Mapping[str, Any]) -> dict:
+    """Check `params` against `schema`; return them as a new dict. Raises RpcError
+    INVALID_PARAMS naming the method and the parameter (also in `data.param`)."""
+
+    def invalid(name: str, message: str) -> RpcError:
+        return RpcError(
+            ErrorCode.INVALID_PARAMS,
+            f"invalid params for '{method}': {message}",
+            {"param": name},
+        )
+
+    for name in params:
+        if name not in schema:
+            known = f"parameters: {', '.join(schema)}" if schema else "it takes none"
+            raise invalid(name, f"unknown parameter '{name}' ({known})")
+    for name, spec in schema.items():
+        if name not in params:
+            if spec.required:
+                raise invalid(name, f"missing parameter '{name}' ({_TYPE_NAMES[spec.type]})")
+            continue
+        problem = spec.problem(params[name])
+        if problem:
+            raise invalid(name, f"'{name}' {problem}")
+    return dict(params)
+
+
+# ---------------------------------------------------------------------------- peers
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end of a connection, as of its connect() (SO_PEERCRED).
+    `groups` holds the primary gid and the supplementary groups from /proc/<pid>/status."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} uid {self.uid}"
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    """The credentials of a connected Unix socket's peer. Raises OSError if unavailable."""
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return Peer(pid, uid, gid, frozenset({gid}) | _supplementary_groups(pid, uid))
+
+
+def _supplementary_groups(pid: int, uid: int) -> frozenset[int]:
+    """The `Groups:` of /proc/<pid>/status, if that process still has effective uid `uid`.
+
+    SO_PEERCRED carries only the primary gid. The pid may have exited (or, rarely, been
+    reused) since connect(): then the uid check fails and only the primary gid counts.
+    """
+    if pid <= 0:  # a peer in a pid namespace we cannot see
+        return frozenset()
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                key, _, value = line.partition(":")
+                fields[key] = value.split()
+    except OSError:
+        return frozenset()
+    uids = fields.get("Uid", [])  # real, effective, saved, filesystem
+    if len(uids) < 2 or uids[1] != str(uid):
+        return frozenset()
+    return frozenset(int(g) for g in fields.get("Groups", []) if g.isdigit())
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return f"'{grp.getgrgid(gid).gr_name}' (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"
+
+
+# ---------------------------------------------------------------------------- socket activation
+def listen_fds_with_names() -> dict[int, str]:
+    """The sockets systemd handed over, as {fd: name}; {} when not socket-activated.
+
+    Uses systemd-python when installed, else reads LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES.
+    The environment is left alone so that a second consumer (the metrics server, fd name
+    `metrics`) finds its socket too; LISTEN_PID keeps child processes from taking them.
+    Raises ControlError if the names do not match the fds.
+    """
+    try:
+        from systemd import daemon
+    except ImportError:
+        return _listen_fds_from_environment(os.environ, os.getpid())
+    try:
+        return daemon.listen_fds_with_names(unset_environment=False)
+    except OSError as exc:
+        raise ControlError(
+            f"systemd handed over sockets whose names cannot be read ({exc}; "
+            f"LISTEN_FDNAMES={os.environ.get('LISTEN_FDNAMES')!r}): set "
+            f"FileDescriptorName={ACTIVATION_FD_NAME} in the socket unit (names may not "
+            "contain ':')"
+        ) from None
+
+
+def _listen_fds_from_environment(environ: Mapping[str, str], pid: int) -> dict[int, str]:
+    """sd_listen_fds_with_names(3) without libsystemd."""
+    if environ.get("LISTEN_PID") != str(pid):
+        return {}
+    try:
+        count = int(environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        return {}
+    names = environ["LISTEN_FDNAMES"].split(":") if environ.get("LISTEN_FDNAMES") else []
+    if not names:
+        names = ["unknown"] * count  # what sd_listen_fds_with_names reports
+    if len(names) != count:
+        raise ControlError(
+            f"LISTEN_FDS={count} but LISTEN_FDNAMES has {len(names)} names "
+            f"({environ['LISTEN_FDNAMES']!r}): set FileDescriptorName={ACTIVATION_FD_NAME} "
+            "in the socket unit (names may not contain ':')"
+        )
+    fds = {}
+    for i, name in enumerate(names):
+        fd = SD_LISTEN_FDS_START + i
+        try:
+            os.set_inheritable(fd, False)  # sd_listen_fds sets FD_CLOEXEC too
+        except OSError:
+            raise ControlError(f"LISTEN_FDS={count} but fd {fd} is not open") from None
+        fds[fd] = name
+    return fds
+
+
+def activated_socket(name: str = ACTIVATION_FD_NAME) -> socket.socket | None:
+    """The listening socket systemd handed over under `name`, or None. Raises ControlError
+    if that fd is not a listening Unix stream socket."""
+    for fd, fd_name in listen_fds_with_names().items():
+        if fd_name != name:
+            continue
+        sock = socket.socket(fileno=fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            kind = f"{sock.family.name}/{sock.type.name}"
+            sock.detach()
+            raise ControlError(
+                f"the socket systemd handed over as '{name}' (fd {fd}) is {kind}, not a Unix "
+                "stream socket: use ListenStream=/run/ixyd/%i.sock in the socket unit"
+            )
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.detach()
+            raise ControlError(
+                f"the socket systemd handed over as '{name}' (fd {fd}) is not listening: "
+                "keep Accept=no in the socket unit"
+            )
+        return sock
+    return None
+
+
+def socket_path(instance: str, run_dir: str | None = None) -> str:
+    """Where instance `instance` listens: <run_dir>/<instance>.sock, run_dir defaulting to
+    $IXYD_RUN_DIR, else /run/ixyd. Raises ConfigError for a name that is not a plain file
+    name (letters, digits and _ @ : . -, not starting with a dot)."""
+    if not _INSTANCE_NAME.fullmatch(instance) or instance.startswith("."):
+        raise ConfigError(
+            f"instance name {instance!r} is not valid: use letters, digits and _ @ : . - "
+            "(e.g. 'demo' or a PCI address like 0000:03:00.0)"
+        )
+    if run_dir is None:
+        run_dir = os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR
+    return os.path.join(run_dir, f"{instance}.sock")
+
+
+# ---------------------------------------------------------------------------- the server
+@dataclass(frozen=True)
+class _Method:
+    name: str
+    handler: Callable[..., Any]
+    params_schema: dict[str, Param]
+    mutating: bool
+
+
+def _error(request_id: Any, code: int, message: str, data: Any = None) -> dict:
+    error = {"code": int(code), "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def _encode(message: Any) -> bytes:
+    return (json.dumps(message, separators=(",", ":"), allow_nan=False) + "\n").encode()
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _valid_id(request_id: Any) -> bool:
+    return request_id is None or (
+        isinstance(request_id, str | int | float) and not isinstance(request_id, bool)
+    )
+
+
+class ControlServer:
+    """A JSON-RPC 2.0 server on a Unix stream socket, serving the methods registered on it.
+
+    Give either `path` (the server creates the socket there, its directory with mode 0755
+    if missing, and removes it on close) or `listen_socket` (an already listening socket,
+    e.g. from socket activation; it is never unlinked). `socket_mode` and `socket_group`
+    (name or gid) apply to a socket the server creates. Authorization: methods registered
+    with mutating=False may be called by root, the daemon's own uid and members of the
+    socket file's group; mutating ones by root and the daemon's own uid only.
+
+        with ControlServer(socket_path("demo")) as server:
+            server.register("stats", stats, params_schema={"port": Param(str, required=False)},
+                            mutating=False)
+            server.serve()
+            ...
+
+    Limits: `max_line` bytes per request line (longer: REQUEST_TOO_LARGE, then the
+    connection is closed), `max_clients` connections (more are answered BUSY and closed),
+    `idle_timeout` seconds to send a complete line or to take a reply (then closed).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        listen_socket: socket.socket | None = None,
+        socket_mode: int = SOCKET_MODE,
+        socket_group: int | str | None = None,
+        max_line: int = MAX_LINE,
+        max_clients: int = MAX_CLIENTS,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ):
+        if (path is None) == (listen_socket is None):
+            raise ValueError("give exactly one of path and listen_socket")
+        self._listen_socket = listen_socket
+        self.activated = listen_socket is not None
+        self.path = path if path is not None else self._socket_file(listen_socket)
+        self.socket_mode = socket_mode
+        self.socket_group = socket_group
+        self.max_line = max_line
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
+        #: the gid whose members may call read-only methods (the socket file's group)
+        self.socket_gid: int | None = None
+        self._owner_uid = os.geteuid()
+        self._methods: dict[str, _Method] = {}
+        self._created: tuple[int, int] | None = None  # (st_dev, st_ino) of a socket we bound
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: asyncio.Event | None = None
+        self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}  # all, refused too
+        self._clients: set[asyncio.Task] = set()  # the connections being served
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._closed = False
+
+    @classmethod
+    def for_instance(cls, instance: str, *, run_dir: str | None = None, **options: Any) -> Self:
+        """The server for ixyd instance `instance`: the socket systemd handed over as
+        `control` if there is one, else <run_dir>/<instance>.sock (see socket_path)."""
+        sock = activated_socket(ACTIVATION_FD_NAME)
+        if sock is not None:
+            log.info("control: using the socket-activated fd %d", sock.fileno())
+            return cls(listen_socket=sock, **options)
+        return cls(socket_path(instance, run_dir), **options)
+
+    @staticmethod
+    def _socket_file(sock: socket.socket) -> str | None:
+        name = sock.getsockname()
+        return name if isinstance(name, str) and name.startswith("/") else None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ registry
+    def register(
+        self,
+        name: str,
+        handler: Callable[..., Any],
+        *,
+        params_schema: Mapping[str, Param],
+        mutating: bool,
+    ) -> None:
+        """Serve method `name`: `handler(**params)` is called on the server thread with the
+        validated parameters (absent optional ones are left out) and returns the JSON
+        result. It may raise RpcError for a specific error; ConfigError becomes
+        INVALID_PARAMS, other IxydErrors DEVICE_ERROR, anything else INTERNAL_ERROR
+        (logged with its traceback). `mutating` methods change the daemon and are for
+        root and the daemon's own uid only. Raises ValueError for a reserved or taken name.
+        """
+        if not isinstance(name, str) or not name or name.startswith("rpc."):
+            raise ValueError(f"method name {name!r} is empty or reserved (rpc.*)")
+        if name in self._methods:
+            raise ValueError(f"method '{name}' is already registered")
+        if not callable(handler):
+            raise TypeError(f"the handler of '{name}' is not callable")
+        for param, spec in params_schema.items():
+            if not isinstance(spec, Param):
+                raise TypeError(f"'{name}' parameter '{param}': give a Param, not {spec!r}")
+        self._methods[name] = _Method(name, handler, dict(params_schema), bool(mutating))
+
+    # ------------------------------------------------------------------ answering
+    def answer(self, line: bytes, peer: Peer) -> bytes | None:
+        """The response line (newline included) to one request line from `peer`, or None
+        when nothing is to be sent (notifications, blank lines). Never raises."""
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return _encode(
+                _error(
+                    None,
+                    ErrorCode.PARSE_ERROR,
+                    f"the request is not valid UTF-8 (byte {exc.start})",
+                )
+            )
+        if not text.strip():
+            return None
+        try:
+            message = json.loads(text, parse_constant=_reject_constant)
+        except RecursionError:
+            return _encode(_error(None, ErrorCode.PARSE_ERROR, "the request is nested too deeply"))
+        except ValueError as exc:
+            return _encode(
+                _error(None, ErrorCode.PARSE_ERROR, f"the request is not valid JSON: {exc}")
+            )
+        if isinstance(message, list):
+            if not message:
+                return _encode(_error(None, ErrorCode.INVALID_REQUEST, "the batch is empty"))
+            replies = [r for r in (self._answer_one(m, peer) for m in message) if r is not None]
+            return _encode(replies) if replies else None
+        reply = self._answer_one(message, peer)
+        return _encode(reply) if reply is not None else None
+
+    def _answer_one(self, request: Any, peer: Peer) -> dict | None:
+        if not isinstance(request, dict):
+            return _error(None, ErrorCode.INVALID_REQUEST, "a request must be a JSON object")
+        request_id = request.get("id")
+        if not _valid_id(request_id):
+            return _error(
+                None, ErrorCode.INVALID_REQUEST, "'id' must be a string, a number or null"
+            )
+        if request.get("jsonrpc") != "2.0":
+            return _error(request_id, ErrorCode.INVALID_REQUEST, "'jsonrpc' must be \"2.0\"")
+        method = request.get("method")
+        if not isinstance(method, str):
+            return _error(request_id, ErrorCode.INVALID_REQUEST, "'method' must be a string")
+        params = request.get("params", {})
+        if not isinstance(params, dict | list):
+            return _error(
+                request_id, ErrorCode.INVALID_REQUEST, "'params' must be an object or an array"
+            )
+        notification = "id" not in request
+        try:
+            result = self._call(method, params, peer)
+        except RpcError as exc:
+            if notification:
+                log.info("control: notification '%s' from %s failed: %s", method, peer, exc)
+                return None
+            data = exc.data
+            try:
+                json.dumps(data, allow_nan=False)
+            except (TypeError, ValueError):
+                log.error("control: '%s' raised an RpcError whose data is not JSON", method)
+                data = None
+            return _error(request_id, exc.code, str(exc.message), data)
+        if notification:
+            return None
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+    def _call(self, name: str, params: dict | list, peer: Peer) -> Any:
+        method = self._methods.get(name)
+        if method is None:
+            raise RpcError(
+                ErrorCode.METHOD_NOT_FOUND,
+                f"no method '{name}' (methods: {', '.join(sorted(self._methods))})",
+            )
+        self._authorize(method, peer)
+        if isinstance(params, list):
+            if params:
+                raise RpcError(
+                    ErrorCode.INVALID_PARAMS,
+                    f"'{name}' takes named parameters (a JSON object), not an array",
+                )
+            params = {}
+        kwargs = validate_params(name, method.params_schema, params)
+        if method.mutating:
+            log.info("control: %s %s by %s", name, _show(kwargs, 200), peer)
+        try:
+            result = method.handler(**kwargs)
+        except RpcError:
+            raise
+        except ConfigError as exc:
+            raise RpcError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+        except IxydError as exc:
+            raise RpcError(ErrorCode.DEVICE_ERROR, str(exc)) from None
+        except Exception:
+            log.exception("control: method '%s' failed", name)
+            raise RpcError(
+                ErrorCode.INTERNAL_ERROR,
+                f"internal error in '{name}'; the ixyd log has the details",
+            ) from None
+        try:
+            json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            log.error("control: method '%s' returned a result that is not JSON: %s", name, exc)
+            raise RpcError(
+                ErrorCode.INTERNAL_ERROR,
+                f"internal error in '{name}'; the ixyd log has the details",
+            ) from None
+        return result
+
+    def _authorize(self, method: _Method, peer: Peer) -> None:
+        if peer.uid in (ROOT_UID, self._owner_uid):
+            return
+        owner = _user_name(self._owner_uid)
+        if method.mutating:
+            message = (
+                f"permission denied: '{method.name}' changes the daemon; only root and "
+                f"{owner} (the user ixyd runs as) may call it; you are {_user_name(peer.uid)}"
+            )
+        elif self.socket_gid is not None and self.socket_gid in peer.groups:
+            return
+        else:
+            group = (
+                f"members of group {_group_name(self.socket_gid)} (the control socket's group)"
+                if self.socket_gid is not None
+                else "nobody else (the control socket has no group)"
+            )
+            message = (
+                f"permission denied: '{method.name}' is for root, {owner} and {group}; "
+                f"you are {_user_name(peer.uid)}, groups {sorted(peer.groups)}"
+            )
+        log.warning("control: refused '%s' to %s", method.name, peer)
+        raise RpcError(ErrorCode.UNAUTHORIZED, message)
+
+    # ------------------------------------------------------------------ life cycle
+    @property
+    def serving(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def client_count(self) -> int:
+        """Connections being served now."""
+        return len(self._clients)
+
+    def serve(self) -> None:
+        """Start serving on the server thread; return once the socket accepts connections.
+        Raises ControlError if the socket cannot be set up (another ixyd listens on the
+        path, the path is not a socket, permissions)."""
+        if self._closed or self._thread is not None:
+            raise RuntimeError("a ControlServer serves once: make a new one")
+        if self._listen_socket is None:
+            self._listen_socket = self._bind()
+        self.socket_gid = self._socket_file_gid()
+        self._thread = threading.Thread(target=self._run, name="ixyd-control", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            self._thread.join()
+            self._thread = None
+            self._closed = True
+            raise ControlError(
+                f"control server on {self.path}: {self._startup_error}"
+            ) from self._startup_error
+        log.info(
+            "control: serving on %s%s", self.path, " (socket-activated)" if self.activated else ""
+        )
+
+    def close(self) -> None:
+        """Stop serving: close every connection and the socket, remove the socket file if
+        this server created it. Idempotent. May be called from a handler (the shutdown
+        method): the server thread then ends after the handler's reply is sent."""
+        self._closed = True
+        thread, loop = self._thread, self._loop
+        if thread is None:
+            self._release_socket()
+            return
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(self._request_close)
+        if threading.current_thread() is thread:
+            return
+        thread.join(CLOSE_TIMEOUT + 1.0)
+        if thread.is_alive():
+            log.warning("control: the server thread did not stop within %g s", CLOSE_TIMEOUT)
+        self._thread = None
+
+    def _request_close(self) -> None:
+        if self._closing is not None:
+            self._closing.set()
+
+    def _bind(self) -> socket.socket:
+        assert self.path is not None
+        directory = os.path.dirname(self.path) or "."
+        try:
+            if not os.path.isdir(directory):
+                os.makedirs(directory, mode=RUN_DIR_MODE, exist_ok=True)
+                os.chmod(directory, RUN_DIR_MODE)  # makedirs' mode is subject to the umask
+            self._remove_stale_socket()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ControlError(f"cannot create the control socket at {self.path}: {exc}") from exc
+        try:
+            sock.bind(self.path)
+            st = os.stat(self.path)
+            self._created = (st.st_dev, st.st_ino)
+            # connect() fails until listen(), so nobody gets in before the mode is right
+            os.chmod(self.path, self.socket_mode)
+            if self.socket_group is not None:
+                os.chown(self.path, -1, self._resolve_group(self.socket_group))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            self._unlink_created()
+            raise ControlError(f"cannot create the control socket at {self.path}: {exc}") from exc
+        return sock
+
+    @staticmethod
+    def _resolve_group(group: int | str) -> int:
+        if isinstance(group, int):
+            return group
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ControlError(f"socket group '{group}' does not exist (groupadd it)") from None
+
+    def _remove_stale_socket(self) -> None:
+        """Remove a socket file nobody listens on (left by a killed ixyd); refuse to touch
+        anything else."""
+        assert self.path is not None
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(f"{self.path} exists and is not a socket: remove it or move it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(STALE_PROBE_TIMEOUT)
+        try:
+            probe.connect(self.path)
+        except ConnectionRefusedError:
+            log.info("control: removing the stale socket %s (nothing listens on it)", self.path)
+            os.unlink(self.path)
+            return
+        except TimeoutError:  # a listener whose backlog is full: alive
+            raise ControlError(
+                f"{self.path} is in use by a process that is not accepting; is another ixyd "
+                "instance of this name running?"
+            ) from None
+        else:
+            holder = peer_of(probe).pid
+            raise ControlError(
+                f"another process (pid {holder}) is listening on {self.path}: this ixyd "
+                "instance is already running; stop it first"
+            )
+        finally:
+            probe.close()
+
+    def _socket_file_gid(self) -> int | None:
+        if self.path is None:
+            return None
+        try:
+            return os.stat(self.path).st_gid
+        except OSError:
+            return None
+
+    def _unlink_created(self) -> None:
+        """Remove the socket file if it is still the one this server bound."""
+        if self._created is None or self.path is None:
+            return
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._created:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self._created = None
+
+    def _release_socket(self) -> None:
+        if self._listen_socket is not None:
+            self._listen_socket.close()
+        self._unlink_created()
+
+    # ------------------------------------------------------------------ the server thread
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve_until_closed())
+        except BaseException as exc:
+            if self._ready.is_set():
+                log.exception("control: the server stopped on an unexpected error")
+            else:
+                self._startup_error = exc
+        finally:
+            self._ready.set()
+            loop.close()
+            self._release_socket()
+
+    async def _serve_until_closed(self) -> None:
+        self._closing = asyncio.Event()
+        if self._closed:  # close() came before the loop ran
+            return
+        server = await asyncio.start_unix_server(
+            self._client_connected,
+            sock=self._listen_socket,
+            limit=self.max_line,
+            backlog=LISTEN_BACKLOG,
+        )
+        self._ready.set()
+        try:
+            await self._closing.wait()
+        finally:
+            server.close()
+            await self._end_connections()
+
+    async def _end_connections(self) -> None:
+        """Cancel every connection; abort those still open after CLOSE_TIMEOUT."""
+        connections = dict(self._connections)
+        if not connections:
+            return
+        for task in connections:
+            task.cancel()
+        _, pending = await asyncio.wait(connections, timeout=CLOSE_TIMEOUT)
+        for task in pending:
+            connections[task].transport.abort()
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=CLOSE_TIMEOUT)
+
+    async def _client_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = writer
+        try:
+            if len(self._clients) >= self.max_clients:
+                log.warning(
+                    "control: refused a connection: %d clients, the limit", len(self._clients)
+                )
+                writer.write(
+                    _encode(
+                        _error(
+                            None,
+                            ErrorCode.BUSY,
+                            f"too many clients ({len(self._clients)} connected, the limit); "
+                            "try again later",
+                        )
+                    )
+                )
+                return
+            self._clients.add(task)
+            await self._converse(reader, writer)
+        except asyncio.CancelledError:
+            pass  # the server is closing
+        except Exception:
+            log.exception("control: a connection failed")
+        finally:
+            self._clients.discard(task)
+            await self._close_connection(writer)
+            del self._connections[task]
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+        # that arrives as its inner task finishes (gh-86296), and close() would hang.
+        try:
+            peer = peer_of(writer.get_extra_info("socket"))
+        except OSError as exc:
+            log.info("control: dropping a connection without credentials: %s", exc)
+            return
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    line = await reader.readline()
+            except TimeoutError:
+                log.info(
+                    "control: closing the connection of %s: idle %g s", peer, self.idle_timeout
+                )
+                return
+            except ValueError:  # the line outgrew the StreamReader limit
+                log.warning("control: %s sent a line over %d bytes; closing", peer, self.max_line)
+                await self._refuse_oversized(reader, writer)
+                return
+            except OSError:  # reset by the peer
+                return
+            if not line:
+                return
+            reply = self.answer(line, peer)
+            if reply is not None:
+                writer.write(reply)
+                try:
+                    async with asyncio.timeout(self.idle_timeout):
+                        await writer.drain()
+                except TimeoutError:
+                    log.info("control: closing the connection of %s: it reads no replies", peer)
+                    writer.transport.abort()  # its unread replies would never drain
+                    return
+                except OSError:
+                    return
+            if not line.endswith(b"\n"):  # the peer shut down its side mid-line
+                return
+
+    async def _refuse_oversized(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Answer REQUEST_TOO_LARGE, then swallow what the client is still sending: closing
+        with unread data would reset the connection and lose the answer."""
+        writer.write(
+            _encode(
+                _error(
+                    None,
+                    ErrorCode.REQUEST_TOO_LARGE,
+                    f"request line longer than {self.max_line} bytes; closing the connection",
+                )
+            )
+        )
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(DISCARD_TIMEOUT):
+                await writer.drain()
+                writer.write_eof()
+                swallowed = 0
+                while swallowed < DISCARD_LIMIT:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    swallowed += len(chunk)
+
+    @staticmethod
+    async def _close_connection(writer: asyncio.StreamWriter) -> None:
+        writer.close()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await writer.wait_closed()
+        except TimeoutError:
+            writer.transport.abort()  # a peer that reads nothing keeps the buffer full
+        except Exception:  # already reset by the peer
+            pass
+
+
+# ---------------------------------------------------------------------------- ixyd's methods
+FORWARD_MODES = ("port", "reflect", "drop", "tap", "generate")
+MIN_FRAME = 60  # bytes without the FCS: the Ethernet minimum of 64 on the wire
+MAX_FRAME = 1514  # bytes without the FCS: no jumbo frames in the data path
+
+_PORT_FILTER = {"port": Param(str, required=False)}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """The parameters and the mutating flag of one method of ixyd's control API."""
+
+    params: dict[str, Param]
+    mutating: bool
+
+
+#: ixyd's control API (docs/control.md): what `ixyd-ctl` sends. The service registers
+#: its handler for each: server.register(name, handler, params_schema=spec.params,
+#: mutating=spec.mutating). Cross-parameter rules (set_forward's per-mode parameters)
+#: are the handler's to check.
+IXYD_METHODS: dict[str, MethodSpec] = {
+    "status": MethodSpec({}, mutating=False),
+    "ports": MethodSpec({}, mutating=False),
+    "stats": MethodSpec(_PORT_FILTER, mutating=False),
+    "link": MethodSpec(_PORT_FILTER, mutating=False),
+    "get_forward": MethodSpec(_PORT_FILTER, mutating=False),
+    "set_forward": MethodSpec(
+        {
+            "port": Param(str),
+            "mode": Param(str, choices=FORWARD_MODES),
+            "to": Param(str, required=False),
+            "swap_mac": Param(bool, required=False),
+            "ifname": Param(str, required=False),
+            "size": Param(int, required=False, minimum=MIN_FRAME, maximum=MAX_FRAME),
+            "rate": Param(int, required=False, minimum=0),
+            "count": Param(int, required=False, minimum=0),
+        },
+        mutating=True,
+    ),
+    "reset_stats": MethodSpec(_PORT_FILTER, mutating=True),
+    "set_promisc": MethodSpec({"port": Param(str), "on": Param(bool)}, mutating=True),
+    "shutdown": MethodSpec({}, mutating=True),
+}

@@ -1,0 +1,603 @@
+"""`ixyd-ctl`: query and steer a running ixyd instance over its control socket.
+
+    ixyd-ctl [-i INSTANCE | --socket PATH] [--json] [--timeout S] COMMAND [ARGS]
+
+Each command is one JSON-RPC 2.0 call (docs/control.md) on a fresh connection. The result
+is printed as a table, or as JSON with --json. Exit status: 0 ok, 1 the daemon returned
+an error (printed to stderr), 2 usage error, 3 the daemon is not running or cannot be
+reached, 4 permission denied, 5 no answer within the timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import grp
+import json
+import os
+import pwd
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .control import DEFAULT_RUN_DIR, RUN_DIR_ENV, ErrorCode, socket_path
+from .errors import ConfigError
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the daemon answered with an error
+EXIT_USAGE = 2  # argparse's own code for bad arguments
+EXIT_NOT_RUNNING = 3  # no socket, nothing listening, or the socket cannot be reached
+EXIT_PERMISSION = 4  # the socket's permissions or the daemon's authorization refused us
+EXIT_TIMEOUT = 5  # no answer within --timeout
+
+DEFAULT_TIMEOUT = 5.0  # seconds for connect + request + reply
+MAX_REPLY = 16 * 1024 * 1024  # bytes; a longer reply line is a broken daemon
+
+
+class CtlError(Exception):
+    """A failure ixyd-ctl reports with `message` on stderr and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RemoteError(Exception):
+    """The daemon answered with a JSON-RPC error."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(message)
+        self.code, self.message, self.data = code, message, data
+
+
+# ---------------------------------------------------------------------------- the client
+class ControlClient:
+    """One connection to an ixyd control socket, with a deadline for each call.
+
+    `who` names the daemon in messages ("ixyd instance 'demo'"). Raises CtlError with the
+    exit code for anything but an error answer, which raises RemoteError.
+    """
+
+    def __init__(self, path: str, *, timeout: float = DEFAULT_TIMEOUT, who: str = "ixyd"):
+        self.path, self.timeout, self.who = path, timeout, who
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._next_id = 1
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except FileNotFoundError:
+            sock.close()
+            raise CtlError(
+                f"{self.who} is not running (no socket at {self.path})", EXIT_NOT_RUNNING
+            ) from None
+        except ConnectionRefusedError:
+            sock.close()
+            raise CtlError(
+                f"{self.who} is not running (stale socket at {self.path}: nothing listens on it)",
+                EXIT_NOT_RUNNING,
+            ) from None
+        except PermissionError:
+            sock.close()
+            raise CtlError(_socket_permission_hint(self.path), EXIT_PERMISSION) from None
+        except TimeoutError:
+            sock.close()
+            raise CtlError(
+                f"{self.who} did not accept the connection within {self.timeout:g} s ({self.path})",
+                EXIT_TIMEOUT,
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise CtlError(
+                f"cannot connect to {self.who} at {self.path}: {exc.strerror or exc}",
+                EXIT_NOT_RUNNING,
+            ) from None
+        self._sock = sock
+
+    def call(self, method: str, params: dict | None = None) -> Any:
+        """Call `method` and return its result. Raises RemoteError for an error answer."""
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        request_id = self._next_id
+        self._next_id += 1
+        request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params:
+            request["params"] = params
+        deadline = time.monotonic() + self.timeout
+        try:
+            self._sock.sendall(json.dumps(request).encode() + b"\n")
+            reply = self._read_reply(deadline)
+        except TimeoutError:
+            raise CtlError(
+                f"no answer from {self.who} within {self.timeout:g} s", EXIT_TIMEOUT
+            ) from None
+        except OSError as exc:
+            raise CtlError(
+                f"{self.who} closed the connection: {exc.strerror or exc}", EXIT_ERROR
+            ) from None
+        if not isinstance(reply, dict) or reply.get("id") not in (request_id, None):
+            raise CtlError(f"{self.who} sent an answer to another request: {reply!r}", EXIT_ERROR)
+        if "error" in reply:
+            error = reply["error"] if isinstance(reply["error"], dict) else {}
+            raise RemoteError(
+                error.get("code", ErrorCode.INTERNAL_ERROR),
+                str(error.get("message", "unknown error")),
+                error.get("data"),
+            )
+        if "result" not in reply:
+            raise CtlError(f"{self.who} sent an answer without a result: {reply!r}", EXIT_ERROR)
+        return reply["result"]
+
+    def _read_reply(self, deadline: float) -> Any:
+        assert self._sock is not None
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self._sock.settimeout(remaining)
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise CtlError(f"{self.who} closed the connection without answering", EXIT_ERROR)
+            self._buffer += chunk
+            if len(self._buffer) > MAX_REPLY:
+                raise CtlError(f"{self.who} sent a reply over {MAX_REPLY} bytes", EXIT_ERROR)
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            return json.loads(line)
+        except ValueError as exc:
+            raise CtlError(
+                f"{self.who} sent something that is not JSON: {exc}", EXIT_ERROR
+            ) from None
+
+
+def _socket_permission_hint(path: str) -> str:
+    """'permission denied' with who may connect, from the socket file's owner and mode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"permission denied connecting to {path} (its directory is not searchable)"
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    mode = stat.S_IMODE(st.st_mode)
+    return (
+        f"permission denied connecting to {path} (owner {owner}, group {group}, mode {mode:04o}): "
+        f"run as root or {owner}, or join group '{group}'"
+    )
+
+
+# ---------------------------------------------------------------------------- units
+def human_count(n: float) -> str:
+    """12345678 -> '12.3M' (SI, three significant digits)."""
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{_three_digits(n / factor)}{suffix}"
+    return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB' (IEC, three significant digits)."""
+    for factor, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if abs(n) >= factor:
+            return f"{_three_digits(n / factor)} {suffix}"
+    return f"{n:.0f} B"
+
+
+def human_rate(pps: float | None, bps: float | None) -> str:
+    """Packets and bits per second: '14.9 Mpps 10.0 Gb/s'."""
+    parts = [_with_unit(v, unit) for v, unit in ((pps, "pps"), (bps, "b/s")) if v is not None]
+    return " ".join(parts) if parts else "-"
+
+
+def _with_unit(value: float, unit: str) -> str:
+    """12.3M + 'pps' -> '12.3 Mpps'."""
+    text = human_count(value)
+    if text[-1].isalpha():
+        return f"{text[:-1]} {text[-1]}{unit}"
+    return f"{text} {unit}"
+
+
+def human_speed(mbps: int) -> str:
+    """10000 -> '10 Gb/s', 100 -> '100 Mb/s'."""
+    if mbps >= 1000:
+        return f"{mbps / 1000:g} Gb/s"
+    return f"{mbps} Mb/s"
+
+
+def human_duration(seconds: float) -> str:
+    """3723 -> '1h 02m 03s'."""
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _three_digits(x: float) -> str:
+    return f"{x:.2f}" if abs(x) < 10 else f"{x:.1f}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def parse_count(text: str) -> int:
+    """'1.5M' -> 1500000; plain integers and the suffixes k, M, G (argparse type)."""
+    factors = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
+    try:
+        if text and text[-1] in factors:
+            value = float(text[:-1]) * factors[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 1000, 1.5M)") from None
+    if value < 0 or not value.is_integer():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------- rendering
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """Aligned columns; the columns whose index is in `right` are right-aligned."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [
+            row[i].rjust(widths[i]) if i in right else row[i].ljust(widths[i])
+            for i in range(len(headers))
+        ]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def describe_forward(forward: dict) -> str:
+    """A forwarding setting in words: 'port demo.1', 'reflect, swap MAC', ..."""
+    mode = forward.get("mode", "?")
+    if mode == "port":
+        return f"port {forward.get('to', '?')}"
+    if mode == "reflect":
+        return "reflect, swap MAC" if forward.get("swap_mac") else "reflect"
+    if mode == "tap":
+        return f"tap {forward.get('ifname', '?')}"
+    if mode == "generate":
+        size = forward.get("size")
+        rate = forward.get("rate", 0)
+        count = forward.get("count", 0)
+        return (
+            f"generate {size if size is not None else '?'} B, "
+            f"{_with_unit(rate, 'pps') if rate else 'max rate'}, "
+            f"{f'{count} frames' if count else 'no end'}"
+        )
+    extra = ", ".join(f"{k} {v}" for k, v in forward.items() if k != "mode")
+    return f"{mode}, {extra}" if extra else str(mode)
+
+
+def render_status(result: dict) -> str:
+    rows = []
+    for key, value in result.items():
+        if key == "uptime_s" and isinstance(value, int | float):
+            rows.append(("uptime", human_duration(value)))
+        elif isinstance(value, list):
+            rows.append((key, ", ".join(str(v) for v in value) or "-"))
+        elif isinstance(value, dict):
+            rows.append((key, ", ".join(f"{k} {v}" for k, v in value.items()) or "-"))
+        else:
+            rows.append((key, "-" if value is None else value))
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _link_text(link: dict | None) -> str:
+    if not link:
+        return "-"
+    return f"up {human_speed(link.get('speed_mbps', 0))}" if link.get("up") else "down"
+
+
+def render_ports(result: dict) -> str:
+    rows = [
+        (
+            p.get("name", "?"),
+            p.get("address", "-"),
+            p.get("backend", "-"),
+            p.get("driver", "-"),
+            p.get("mac", "-"),
+            _link_text(p.get("link")),
+            "on" if p.get("promisc") else "off",
+            f"{p.get('rx_queues', '?')}/{p.get('tx_queues', '?')}",
+            describe_forward(p["forward"]) if p.get("forward") else "-",
+        )
+        for p in result.get("ports", [])
+    ]
+    headers = ("PORT", "ADDRESS", "BACKEND", "DRIVER", "MAC", "LINK", "PROMISC", "RX/TX Q")
+    return table((*headers, "FORWARD"), rows, right=(7,))
+
+
+_STATS_COLUMNS = (
+    ("RX PACKETS", "rx_packets", human_count),
+    ("RX BYTES", "rx_bytes", human_bytes),
+    ("TX PACKETS", "tx_packets", human_count),
+    ("TX BYTES", "tx_bytes", human_bytes),
+    ("RX MISSED", "rx_missed", human_count),
+)
+
+
+def render_stats(result: dict, detail: bool) -> str:
+    ports = result.get("ports", [])
+    if detail and len(ports) == 1:
+        return _render_port_counters(ports[0])
+    with_rates = any(p.get("rates") for p in ports)
+    headers = ["PORT", *(h for h, _, _ in _STATS_COLUMNS)]
+    if with_rates:
+        headers += ["RX RATE", "TX RATE"]
+    rows = []
+    for port in ports:
+        counters = port.get("counters", {})
+        row = [port.get("name", "?")]
+        row += [fmt(counters[k]) if k in counters else "-" for _, k, fmt in _STATS_COLUMNS]
+        if with_rates:
+            rates = port.get("rates") or {}
+            row += [human_rate(rates.get(f"{d}_pps"), rates.get(f"{d}_bps")) for d in ("rx", "tx")]
+        rows.append(row)
+    return table(headers, rows, right=range(1, len(headers)))
+
+
+def _render_port_counters(port: dict) -> str:
+    counters = port.get("counters", {})
+    rows = [
+        (name, f"{value:,}", human_bytes(value) if name.endswith("bytes") else human_count(value))
+        for name, value in counters.items()
+    ]
+    for name, value in (port.get("rates") or {}).items():
+        unit = "pps" if name.endswith("pps") else "b/s" if name.endswith("bps") else ""
+        rows.append(
+            (name, f"{value:,.0f}", _with_unit(value, unit) if unit else human_count(value))
+        )
+    return f"port {port.get('name', '?')}\n" + table(("COUNTER", "VALUE", ""), rows, right=(1, 2))
+
+
+def render_link(result: dict) -> str:
+    rows = [
+        (p.get("name", "?"), "up" if p.get("up") else "down", human_speed(p["speed_mbps"]))
+        if p.get("up")
+        else (p.get("name", "?"), "down", "-")
+        for p in result.get("ports", [])
+    ]
+    return table(("PORT", "LINK", "SPEED"), rows, right=(2,))
+
+
+def render_forward(result: dict) -> str:
+    rows = [
+        (p.get("name", "?"), describe_forward(p.get("forward", {})))
+        for p in result.get("ports", [])
+    ]
+    return table(("PORT", "FORWARD"), rows)
+
+
+# ---------------------------------------------------------------------------- commands
+def _port_filter(args: argparse.Namespace) -> dict:
+    return {"port": args.port} if args.port else {}
+
+
+def _forward_params(args: argparse.Namespace) -> dict:
+    params: dict[str, Any] = {"port": args.port, "mode": args.mode}
+    if args.mode == "port":
+        params["to"] = args.to
+    elif args.mode == "reflect":
+        params["swap_mac"] = args.swap_mac
+    elif args.mode == "tap":
+        params["ifname"] = args.ifname
+    elif args.mode == "generate":
+        for name in ("size", "rate", "count"):
+            if getattr(args, name) is not None:
+                params[name] = getattr(args, name)
+    return params
+
+
+def _raw_params(args: argparse.Namespace) -> dict:
+    return args.params
+
+
+# command -> (wire method, params from args, renderer of the result)
+Renderer = Callable[[Any, argparse.Namespace], str]
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], dict], Renderer]] = {
+    "status": ("status", lambda a: {}, lambda r, a: render_status(r)),
+    "ports": ("ports", lambda a: {}, lambda r, a: render_ports(r)),
+    "stats": ("stats", _port_filter, lambda r, a: render_stats(r, detail=bool(a.port))),
+    "link": ("link", _port_filter, lambda r, a: render_link(r)),
+    "get-forward": ("get_forward", _port_filter, lambda r, a: render_forward(r)),
+    "set-forward": (
+        "set_forward",
+        _forward_params,
+        lambda r, a: (
+            f"{r.get('name', a.port)}: forwarding {describe_forward(r.get('forward', {}))}"
+        ),
+    ),
+    "reset-stats": (
+        "reset_stats",
+        _port_filter,
+        lambda r, a: f"statistics reset: {', '.join(r.get('ports', [])) or 'no ports'}",
+    ),
+    "set-promisc": (
+        "set_promisc",
+        lambda a: {"port": a.port, "on": a.state == "on"},
+        lambda r, a: (
+            f"{r.get('name', a.port)}: promiscuous mode {'on' if r.get('promisc') else 'off'}"
+        ),
+    ),
+    "shutdown": ("shutdown", lambda a: {}, lambda r, a: f"{a.who} is shutting down"),
+    "call": ("", _raw_params, lambda r, a: json.dumps(r, indent=2)),
+}
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            'the parameters must be a JSON object, e.g. \'{"port": "demo.0"}\''
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Global options are accepted before and after the command (`ixyd-ctl stats --json`).
+    common = argparse.ArgumentParser(add_help=False)
+    target = common.add_mutually_exclusive_group()
+    target.add_argument(
+        "-i",
+        "--instance",
+        default=argparse.SUPPRESS,
+        help=f"the instance to talk to: its socket is {DEFAULT_RUN_DIR}/INSTANCE.sock "
+        f"(${RUN_DIR_ENV} overrides the directory); default: the only one running",
+    )
+    target.add_argument(
+        "--socket", default=argparse.SUPPRESS, metavar="PATH", help="the control socket's path"
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the raw result"
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        metavar="S",
+        help=f"seconds to wait for the daemon (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser = argparse.ArgumentParser(
+        prog="ixyd-ctl",
+        parents=[common],
+        description="Query and steer a running ixyd instance over its control socket.",
+        epilog="exit status: 0 ok, 1 the daemon returned an error, 2 usage error, "
+        "3 not running / cannot connect, 4 permission denied, 5 timeout",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], help=help, description=help)
+
+    def optional_port(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("port", nargs="?", metavar="PORT", help="a port's name or PCI address")
+
+    command("status", "the instance: state, version, uptime, ports")
+    command("ports", "the ports: address, driver, MAC, link, forwarding")
+    optional_port(command("stats", "packet and byte counters (all of them for one PORT)"))
+    optional_port(command("link", "link state and speed"))
+    optional_port(command("get-forward", "where each port's received frames go"))
+
+    set_forward = command("set-forward", "change where a port's received frames go")
+    set_forward.add_argument("port", metavar="PORT", help="a port's name or PCI address")
+    modes = set_forward.add_subparsers(dest="mode", required=True, metavar="MODE")
+    mode = modes.add_parser("port", help="out of another port of this instance")
+    mode.add_argument("to", metavar="TARGET", help="the other port's name or PCI address")
+    mode = modes.add_parser("reflect", help="back out of the same port")
+    mode.add_argument("--swap-mac", action="store_true", help="swap source and destination MAC")
+    modes.add_parser("drop", help="count and drop")
+    mode = modes.add_parser("tap", help="to the kernel through a TAP interface, and back")
+    mode.add_argument("ifname", metavar="IFNAME", help="the TAP interface's name")
+    mode = modes.add_parser("generate", help="send generated frames instead of forwarding")
+    mode.add_argument("--size", type=parse_count, help="frame size in bytes, without the FCS")
+    mode.add_argument("--rate", type=parse_count, metavar="PPS", help="frames per second")
+    mode.add_argument("--count", type=parse_count, metavar="N", help="frames to send")
+
+    optional_port(command("reset-stats", "set the counters back to zero"))
+    set_promisc = command("set-promisc", "accept frames for any MAC address, or not")
+    set_promisc.add_argument("port", metavar="PORT", help="a port's name or PCI address")
+    set_promisc.add_argument("state", choices=("on", "off"))
+    command("shutdown", "stop the instance (workers, device, socket)")
+    call = command("call", "call any method; prints its JSON result")
+    call.add_argument("method", metavar="METHOD")
+    call.add_argument("params", nargs="?", type=_json_object, default={}, metavar="JSON-PARAMS")
+    return parser
+
+
+def _find_socket(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    """(socket path, how to name the daemon in messages)."""
+    if hasattr(args, "socket"):
+        return args.socket, "ixyd"
+    if hasattr(args, "instance"):
+        try:
+            return socket_path(args.instance), f"ixyd instance '{args.instance}'"
+        except ConfigError as exc:
+            parser.error(str(exc))
+    run_dir = os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR
+    found = sorted(glob.glob(os.path.join(glob.escape(run_dir), "*.sock")))
+    if not found:
+        raise CtlError(
+            f"no ixyd instance is running (no socket in {run_dir}); "
+            "name one with -i INSTANCE or --socket PATH",
+            EXIT_NOT_RUNNING,
+        )
+    if len(found) > 1:
+        names = ", ".join(os.path.basename(p)[: -len(".sock")] for p in found)
+        parser.error(f"several ixyd instances are running ({names}): choose one with -i INSTANCE")
+    instance = os.path.basename(found[0])[: -len(".sock")]
+    return found[0], f"ixyd instance '{instance}'"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "instance") and hasattr(args, "socket"):
+        parser.error("give -i INSTANCE or --socket PATH, not both")
+    timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
+    if not timeout > 0:
+        parser.error(f"--timeout must be more than 0 seconds, got {timeout:g}")
+    as_json = getattr(args, "json", False)
+    method, params_of, render = COMMANDS[args.command]
+    if args.command == "call":
+        method = args.method
+    try:
+        path, args.who = _find_socket(args, parser)
+        with ControlClient(path, timeout=timeout, who=args.who) as client:
+            result = client.call(method, params_of(args))
+    except CtlError as exc:
+        print(f"ixyd-ctl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RemoteError as exc:
+        print(f"ixyd-ctl: {exc.message}", file=sys.stderr)
+        return EXIT_PERMISSION if exc.code == ErrorCode.UNAUTHORIZED else EXIT_ERROR
+    try:
+        print(json.dumps(result, indent=2) if as_json else render(result, args))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `ixyd-ctl stats | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        print(
+            f"ixyd-ctl: {args.who} answered '{method}' in an unexpected shape ({exc!r}); "
+            "use --json to see it",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,909 @@
+"""The control server (ixyd.control) on real Unix sockets, with a small registry of test
+methods: the protocol's error codes, batches and notifications, hostile and broken
+clients, SO_PEERCRED authorization with clients forked as other users, socket activation
+through an inherited fd, and what happens to socket files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+import pytest
+
+from ixyd.control import (
+    ControlError,
+    ControlServer,
+    ErrorCode,
+    Param,
+    RpcError,
+    _listen_fds_from_environment,
+    socket_path,
+)
+from ixyd.errors import ConfigError, DeviceError
+
+NOBODY = 65534
+OPS_GID = 4242  # a group the socket belongs to; nobody is made a member where needed
+OTHER_UID = 4243  # neither root, nor nobody, nor a member of anything
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switches uid: needs root")
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def run_dir():
+    """A short, world-searchable directory (AF_UNIX paths are limited to 107 bytes, and
+    clients running as nobody must reach the socket)."""
+    path = tempfile.mkdtemp(prefix="ixyd-ctl-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Calls:
+    """What the test handlers were called with."""
+
+    def __init__(self):
+        self.log = []
+
+    def record(self, name, **params):
+        self.log.append((name, params))
+
+
+def register_test_methods(server: ControlServer, calls: Calls) -> None:
+    def echo(text, times=1):
+        calls.record("echo", text=text, times=times)
+        return {"text": text * times}
+
+    def set_mode(mode):
+        calls.record("set_mode", mode=mode)
+        return {"mode": mode}
+
+    def tick():
+        calls.record("tick")
+
+    def device_fails():
+        raise DeviceError("0000:03:00.0 reads all-ones: the card is gone")
+
+    def config_refused():
+        raise ConfigError("CPU 99 is not available to ixyd (allowed: [0, 1])")
+
+    def busy():
+        raise RpcError(ErrorCode.BUSY, "a mode change on demo.0 is in progress")
+
+    def port_stats(port):
+        raise RpcError(ErrorCode.NOT_FOUND, f"no port '{port}' (ports: demo.0, demo.1)")
+
+    def crash():
+        raise RuntimeError("secret internal state 0xdeadbeef")
+
+    def not_json():
+        return {"when": object()}
+
+    def slow(seconds):
+        time.sleep(seconds)
+        return seconds
+
+    server.register(
+        "echo",
+        echo,
+        params_schema={"text": Param(str), "times": Param(int, required=False, minimum=1)},
+        mutating=False,
+    )
+    server.register(
+        "set_mode",
+        set_mode,
+        params_schema={"mode": Param(str, choices=("drop", "reflect"))},
+        mutating=True,
+    )
+    server.register("tick", tick, params_schema={}, mutating=False)
+    server.register("device_fails", device_fails, params_schema={}, mutating=True)
+    server.register("config_refused", config_refused, params_schema={}, mutating=True)
+    server.register("busy", busy, params_schema={}, mutating=True)
+    server.register("port_stats", port_stats, params_schema={"port": Param(str)}, mutating=False)
+    server.register("crash", crash, params_schema={}, mutating=False)
+    server.register("not_json", not_json, params_schema={}, mutating=False)
+    server.register("slow", slow, params_schema={"seconds": Param(float)}, mutating=False)
+
+
+@pytest.fixture
+def calls():
+    return Calls()
+
+
+@pytest.fixture
+def serve(run_dir, calls):
+    """serve(**options) -> a running ControlServer with the test methods; closed after."""
+    servers = []
+
+    def start(name="test", **options):
+        server = ControlServer(os.path.join(run_dir, f"{name}.sock"), **options)
+        register_test_methods(server, calls)
+        server.serve()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+class Client:
+    """A raw client: bytes in, lines out. Every client is closed after its test."""
+
+    opened: list[Client] = []
+
+    def __init__(self, path, timeout=5.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        Client.opened.append(self)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buffer = b""
+        self.next_id = 1
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        """The next line, or b'' at EOF."""
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                rest, self.buffer = self.buffer, b""
+                return rest
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+    def reply(self):
+        line = self.line()
+        assert line, "the server closed the connection"
+        return json.loads(line)
+
+    def request(self, request) -> object:
+        self.send(json.dumps(request).encode() + b"\n")
+        return self.reply()
+
+    def call(self, method, params=None):
+        request = {"jsonrpc": "2.0", "id": self.next_id, "method": method}
+        if params is not None:
+            request["params"] = params
+        self.next_id += 1
+        return self.request(request)
+
+    def closed_by_server(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture(autouse=True)
+def close_clients():
+    yield
+    while Client.opened:
+        Client.opened.pop().close()
+
+
+def error_of(reply):
+    assert "error" in reply, reply
+    return reply["error"]
+
+
+def wait_until(predicate, timeout=5.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------- the protocol
+def test_call_returns_the_handlers_result_with_the_request_id(serve):
+    client = Client(serve().path)
+    reply = client.request(
+        {"jsonrpc": "2.0", "id": "abc", "method": "echo", "params": {"text": "hi", "times": 2}}
+    )
+    assert reply == {"jsonrpc": "2.0", "id": "abc", "result": {"text": "hihi"}}
+
+
+def test_malformed_json_is_a_parse_error_and_the_connection_stays_usable(serve):
+    client = Client(serve().path)
+    client.send(b'{"jsonrpc": "2.0", "method": \n')
+    error = error_of(client.reply())
+    assert error["code"] == ErrorCode.PARSE_ERROR == -32700
+    assert "not valid JSON" in error["message"]
+    assert client.call("echo", {"text": "still here"})["result"] == {"text": "still here"}
+
+
+def test_non_utf8_input_is_a_parse_error(serve):
+    client = Client(serve().path)
+    client.send(b'{"jsonrpc": "2.0", "id": 1, "method": "echo\xff\xfe"}\n')
+    reply = client.reply()
+    assert reply["id"] is None
+    assert error_of(reply)["code"] == ErrorCode.PARSE_ERROR
+    assert "UTF-8" in error_of(reply)["message"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[" * 20000 + b"]" * 20000 + b"\n",  # deeper than the decoder's recursion limit
+        b'{"jsonrpc": "2.0", "id": 1, "method": "slow", "params": {"seconds": NaN}}\n',
+        b"1" * 5000 + b"\n",  # beyond Python's integer-string limit
+    ],
+    ids=["nested-too-deeply", "nan", "huge-integer"],
+)
+def test_json_the_decoder_chokes_on_is_a_parse_error(serve, line):
+    client = Client(serve().path)
+    client.send(line)
+    assert error_of(client.reply())["code"] == ErrorCode.PARSE_ERROR
+    assert client.call("echo", {"text": "ok"})["result"] == {"text": "ok"}
+
+
+@pytest.mark.parametrize(
+    "request_, id_",
+    [
+        ("just a string", None),
+        ({"id": 1, "method": "echo"}, 1),  # no "jsonrpc"
+        ({"jsonrpc": "1.0", "id": 1, "method": "echo"}, 1),
+        ({"jsonrpc": "2.0", "id": 2, "method": 7}, 2),
+        ({"jsonrpc": "2.0", "id": 3, "method": "echo", "params": "hi"}, 3),
+        ({"jsonrpc": "2.0", "id": True, "method": "echo"}, None),
+        ({"jsonrpc": "2.0", "id": {"a": 1}, "method": "echo"}, None),
+        ({"jsonrpc": "2.0", "method": 7}, None),  # invalid even as a notification: answered
+        ([], None),  # an empty batch
+    ],
+)
+def test_invalid_requests_are_answered_invalid_request(serve, request_, id_):
+    client = Client(serve().path)
+    reply = client.request(request_)
+    assert reply["id"] == id_
+    assert error_of(reply)["code"] == ErrorCode.INVALID_REQUEST == -32600
+
+
+def test_unknown_method_is_method_not_found_and_lists_the_methods(serve):
+    reply = Client(serve().path).call("frobnicate")
+    error = error_of(reply)
+    assert error["code"] == ErrorCode.METHOD_NOT_FOUND == -32601
+    assert "'frobnicate'" in error["message"] and "echo" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "method, params, param, words",
+    [
+        ("echo", {"text": 5}, "text", "'text' must be a string, got 5"),
+        ("echo", {}, "text", "missing parameter 'text'"),
+        ("echo", {"text": "x", "tmes": 2}, "tmes", "unknown parameter 'tmes'"),
+        ("echo", {"text": "x", "times": True}, "times", "must be an integer, got true"),
+        ("echo", {"text": "x", "times": 2.0}, "times", "must be an integer, got 2.0"),
+        ("echo", {"text": "x", "times": 0}, "times", "must be at least 1"),
+        ("set_mode", {"mode": "bounce"}, "mode", 'one of "drop", "reflect", got "bounce"'),
+        ("slow", {"seconds": "1"}, "seconds", "must be a number"),
+    ],
+)
+def test_wrong_params_are_invalid_params_naming_the_parameter(serve, method, params, param, words):
+    error = error_of(Client(serve().path).call(method, params))
+    assert error["code"] == ErrorCode.INVALID_PARAMS == -32602
+    assert f"'{method}'" in error["message"] and words in error["message"]
+    assert error["data"] == {"param": param}
+
+
+def test_positional_params_are_refused_but_an_empty_array_means_none(serve):
+    client = Client(serve().path)
+    error = error_of(client.call("echo", ["hi"]))
+    assert error["code"] == ErrorCode.INVALID_PARAMS
+    assert "named parameters" in error["message"]
+    assert client.call("tick", [])["result"] is None
+
+
+def test_params_are_checked_before_the_handler_runs(serve, calls):
+    Client(serve().path).call("set_mode", {"mode": "bounce"})
+    assert calls.log == []
+
+
+@pytest.mark.parametrize(
+    "method, code, words",
+    [
+        ("device_fails", ErrorCode.DEVICE_ERROR, "reads all-ones"),
+        ("config_refused", ErrorCode.INVALID_PARAMS, "CPU 99 is not available"),
+        ("busy", ErrorCode.BUSY, "in progress"),
+    ],
+)
+def test_handler_errors_become_ixyd_error_codes(serve, method, code, words):
+    error = error_of(Client(serve().path).call(method))
+    assert error["code"] == code
+    assert words in error["message"]
+
+
+def test_unknown_port_is_not_found(serve):
+    error = error_of(Client(serve().path).call("port_stats", {"port": "eth9"}))
+    assert error["code"] == ErrorCode.NOT_FOUND == -32004
+    assert "no port 'eth9'" in error["message"]
+
+
+@pytest.mark.parametrize("method", ["crash", "not_json"])
+def test_a_failing_handler_is_an_internal_error_logged_never_leaked(serve, caplog, method):
+    client = Client(serve().path)
+    with caplog.at_level(logging.ERROR, logger="ixyd.control"):
+        reply = client.call(method)
+    error = error_of(reply)
+    assert error["code"] == ErrorCode.INTERNAL_ERROR == -32603
+    assert "Traceback" not in json.dumps(reply) and "deadbeef" not in json.dumps(reply)
+    assert "the ixyd log has the details" in error["message"]
+    assert any(method in r.getMessage() for r in caplog.records)
+    if method == "crash":
+        assert any(r.exc_info and "deadbeef" in str(r.exc_info[1]) for r in caplog.records)
+    assert client.call("echo", {"text": "alive"})["result"] == {"text": "alive"}
+
+
+def test_batch_answers_each_request_in_order_and_skips_notifications(serve, calls):
+    client = Client(serve().path)
+    client.send(
+        json.dumps(
+            [
+                {"jsonrpc": "2.0", "id": 1, "method": "echo", "params": {"text": "a"}},
+                {"jsonrpc": "2.0", "method": "tick"},  # a notification: run, not answered
+                {"jsonrpc": "2.0", "id": 2, "method": "nope"},
+                42,
+                {"jsonrpc": "2.0", "id": 3, "method": "echo", "params": {"text": 3}},
+            ]
+        ).encode()
+        + b"\n"
+    )
+    replies = client.reply()
+    assert [r["id"] for r in replies] == [1, 2, None, 3]
+    assert replies[0]["result"] == {"text": "a"}
+    assert [r.get("error", {}).get("code") for r in replies[1:]] == [
+        ErrorCode.METHOD_NOT_FOUND,
+        ErrorCode.INVALID_REQUEST,
+        ErrorCode.INVALID_PARAMS,
+    ]
+    assert ("tick", {}) in calls.log
+
+
+def test_notifications_run_and_are_never_answered_even_when_they_fail(serve, calls):
+    client = Client(serve().path)
+    notifications = [
+        {"jsonrpc": "2.0", "method": "tick"},
+        {"jsonrpc": "2.0", "method": "nope"},
+        {"jsonrpc": "2.0", "method": "echo", "params": {"text": 1}},
+        {"jsonrpc": "2.0", "method": "crash"},
+    ]
+    for notification in notifications:
+        client.send(json.dumps(notification).encode() + b"\n")
+    client.send(json.dumps(notifications).encode() + b"\n")  # a batch of notifications only
+    reply = client.call("echo", {"text": "first answer"})  # the first line we get back
+    assert reply["result"] == {"text": "first answer"}
+    assert calls.log.count(("tick", {})) == 2
+
+
+def test_blank_lines_are_ignored(serve):
+    client = Client(serve().path)
+    client.send(b"\n  \n")
+    assert client.call("echo", {"text": "x"})["result"] == {"text": "x"}
+
+
+def test_several_requests_in_one_write_get_answers_in_order(serve):
+    client = Client(serve().path)
+    client.send(
+        b"".join(
+            json.dumps(
+                {"jsonrpc": "2.0", "id": i, "method": "echo", "params": {"text": str(i)}}
+            ).encode()
+            + b"\n"
+            for i in range(50)
+        )
+    )
+    assert [client.reply()["id"] for _ in range(50)] == list(range(50))
+
+
+def test_last_request_without_newline_before_eof_is_answered(serve):
+    client = Client(serve().path)
+    client.send(b'{"jsonrpc": "2.0", "id": 9, "method": "echo", "params": {"text": "eof"}}')
+    client.sock.shutdown(socket.SHUT_WR)
+    assert client.reply()["result"] == {"text": "eof"}
+    assert client.closed_by_server()
+
+
+# ---------------------------------------------------------------------------- hostile clients
+def test_a_line_over_the_limit_is_refused_then_closed_while_others_are_served(serve):
+    server = serve(max_line=4096)
+    bystander = Client(server.path)
+    near_limit = {"jsonrpc": "2.0", "id": 1, "method": "echo", "params": {"text": "x" * 3900}}
+    assert bystander.request(near_limit)["result"] == {"text": "x" * 3900}
+
+    flooder = Client(server.path)
+    flooder.send(b'{"jsonrpc": "2.0", "id": 1, "method": "echo", "params": {"text": "')
+    flooder.send(b"y" * 100_000 + b'"}}\n')
+    error = error_of(flooder.reply())
+    assert error["code"] == ErrorCode.REQUEST_TOO_LARGE == -32005
+    assert "4096 bytes" in error["message"]
+    assert flooder.closed_by_server()
+    assert bystander.call("echo", {"text": "still served"})["result"] == {"text": "still served"}
+
+
+def test_an_endless_line_without_newline_is_refused_then_closed(serve):
+    server = serve(max_line=4096)
+    flooder = Client(server.path)
+    flooder.send(b"z" * 10_000)  # never a newline
+    assert error_of(flooder.reply())["code"] == ErrorCode.REQUEST_TOO_LARGE
+    assert flooder.closed_by_server()
+
+
+def test_an_idle_client_is_closed_after_the_timeout_while_others_are_served(serve):
+    server = serve(idle_timeout=0.3)
+    idler = Client(server.path)
+    started = time.monotonic()
+    other = Client(server.path)
+    assert other.call("echo", {"text": "x"})["result"] == {"text": "x"}
+    assert idler.closed_by_server()
+    assert 0.25 < time.monotonic() - started < 3.0
+
+
+def test_a_client_trickling_a_line_is_closed_after_the_timeout(serve):
+    server = serve(idle_timeout=0.4)
+    trickler = Client(server.path)
+    started = time.monotonic()
+    for byte in b'{"jsonrpc": "2.0", "id": 1, "method": "echo", "params": {"text": "x"}}':
+        try:
+            trickler.send(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        time.sleep(0.05)
+    assert trickler.closed_by_server()
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_client_that_reads_no_replies_is_closed(serve):
+    server = serve(idle_timeout=0.5)
+    hog = Client(server.path)
+    request = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "echo", "params": {"text": "x" * 1000, "times": 60}}
+    ).encode()
+    outcome = []
+
+    def flood():  # ask again and again, read nothing
+        try:
+            for _ in range(2000):
+                hog.send(request + b"\n")
+        except OSError as exc:
+            outcome.append(exc)
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    flooder.join(10)
+    assert not flooder.is_alive(), "the server kept a client that reads nothing"
+    assert outcome and isinstance(outcome[0], BrokenPipeError | ConnectionResetError), outcome
+    assert Client(server.path).call("echo", {"text": "x"})["result"] == {"text": "x"}
+
+
+def test_clients_that_connect_and_vanish_do_not_disturb_the_server(serve, caplog):
+    server = serve()
+    with caplog.at_level(logging.WARNING, logger="ixyd.control"):
+        for i in range(30):
+            ghost = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            ghost.connect(server.path)
+            if i % 3 == 1:  # vanish mid-request
+                ghost.sendall(b'{"jsonrpc": "2.0", "id": 1, "meth')
+            elif i % 3 == 2:  # ask, then reset the connection before the answer
+                ghost.sendall(b'{"jsonrpc": "2.0", "id": 1, "method": "slow", ')
+                ghost.sendall(b'"params": {"seconds": 0.01}}\n')
+                ghost.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ghost.close()
+        survivor = Client(server.path)
+        assert survivor.call("echo", {"text": "x"})["result"] == {"text": "x"}
+        survivor.close()
+        wait_until(lambda: server.client_count == 0, what="the ghosts' connections to end")
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_clients_beyond_the_limit_are_refused_busy_and_the_rest_keep_working(serve):
+    server = serve(max_clients=4)
+    holders = [Client(server.path) for _ in range(4)]
+    for holder in holders:  # each has been accepted and counted
+        assert holder.call("echo", {"text": "in"})["result"] == {"text": "in"}
+    extra = Client(server.path)
+    reply = extra.reply()
+    assert error_of(reply)["code"] == ErrorCode.BUSY == -32003
+    assert "too many clients" in error_of(reply)["message"]
+    assert extra.closed_by_server()
+    assert holders[0].call("echo", {"text": "still"})["result"] == {"text": "still"}
+    holders.pop().close()
+    wait_until(lambda: server.client_count == 3, what="a slot to free")
+    assert Client(server.path).call("echo", {"text": "now"})["result"] == {"text": "now"}
+
+
+def test_many_clients_at_once_are_all_served(serve):
+    server = serve()
+    failures = []
+
+    def client_loop(n):
+        try:
+            client = Client(server.path)
+            for i in range(20):
+                reply = client.call("echo", {"text": f"{n}-{i}"})
+                if reply.get("result") != {"text": f"{n}-{i}"}:
+                    failures.append(reply)
+            client.close()
+        except Exception as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(48)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert failures == []
+
+
+def test_a_slow_handler_delays_clients_but_loses_none(serve):
+    server = serve()
+    slow = Client(server.path)
+    slow.send(b'{"jsonrpc": "2.0", "id": 1, "method": "slow", "params": {"seconds": 0.2}}\n')
+    quick = Client(server.path)
+    assert quick.call("echo", {"text": "after"})["result"] == {"text": "after"}
+    assert slow.reply()["result"] == 0.2
+
+
+# ---------------------------------------------------------------------------- authorization
+def run_as(uid, gid, groups, action):
+    """Run `action()` in a child forked as uid/gid/groups; return what it returned (JSON)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no logging, no pytest; only sockets and the pipe
+        code = 0
+        try:
+            os.close(read_end)
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            payload = json.dumps({"value": action()})
+        except BaseException as exc:
+            payload, code = json.dumps({"exception": repr(exc)}), 1
+        os.write(write_end, payload.encode())
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    outcome = json.loads(data)
+    assert "exception" not in outcome, outcome["exception"]
+    return outcome["value"]
+
+
+def calls_from(path, *requests):
+    """An action for run_as: make each (method, params) call, return the replies."""
+
+    def action():
+        client = Client(path)
+        return [client.call(method, params) for method, params in requests]
+
+    return action
+
+
+READ_AND_CHANGE = (("echo", {"text": "r"}), ("set_mode", {"mode": "drop"}))
+
+
+@needs_root
+def test_an_unauthorized_peer_is_refused_a_change_but_a_group_member_may_read(serve, calls):
+    server = serve(socket_mode=0o666, socket_group=OPS_GID)
+    assert server.socket_gid == OPS_GID
+    read, change = run_as(NOBODY, NOBODY, [OPS_GID], calls_from(server.path, *READ_AND_CHANGE))
+    assert read["result"] == {"text": "r"}
+    error = error_of(change)
+    assert error["code"] == ErrorCode.UNAUTHORIZED == -32001
+    assert "'set_mode' changes the daemon; only root and uid 0 (root)" in error["message"]
+    assert "you are uid 65534" in error["message"]
+    assert ("set_mode", {"mode": "drop"}) not in calls.log
+
+
+@needs_root
+def test_the_primary_group_counts_as_membership_for_reads(serve):
+    server = serve(socket_mode=0o666, socket_group=OPS_GID)
+    read, change = run_as(NOBODY, OPS_GID, [], calls_from(server.path, *READ_AND_CHANGE))
+    assert read["result"] == {"text": "r"}
+    assert error_of(change)["code"] == ErrorCode.UNAUTHORIZED
+
+
+@needs_root
+def test_a_peer_outside_the_sockets_group_may_not_even_read(serve):
+    server = serve(socket_mode=0o666, socket_group=OPS_GID)
+    read, change = run_as(NOBODY, NOBODY, [], calls_from(server.path, *READ_AND_CHANGE))
+    error = error_of(read)
+    assert error["code"] == ErrorCode.UNAUTHORIZED
+    assert f"members of group gid {OPS_GID} (the control socket's group)" in error["message"]
+    assert error_of(change)["code"] == ErrorCode.UNAUTHORIZED
+
+
+@needs_root
+def test_outsiders_learn_which_methods_exist_but_not_their_parameters(serve):
+    server = serve(socket_mode=0o666, socket_group=OPS_GID)
+    unknown, bad = run_as(
+        NOBODY, NOBODY, [], calls_from(server.path, ("nope", None), ("set_mode", {"mode": 1}))
+    )
+    assert error_of(unknown)["code"] == ErrorCode.METHOD_NOT_FOUND
+    assert error_of(bad)["code"] == ErrorCode.UNAUTHORIZED  # no schema hints for outsiders
+
+
+@needs_root
+def test_the_daemons_own_user_may_change_and_other_users_may_not(run_dir, calls):
+    """A server running as nobody: nobody may change, uid 4243 may not, root may."""
+    os.chmod(run_dir, 0o777)  # nobody creates its socket here
+    path = os.path.join(run_dir, "own.sock")
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(ready_r)
+            os.close(stop_w)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            server = ControlServer(path, socket_mode=0o666)
+            register_test_methods(server, Calls())
+            server.serve()
+            os.write(ready_w, b"1")
+            os.read(stop_r, 1)  # until the test closes its end
+            server.close()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(stop_r)
+    try:
+        assert os.read(ready_r, 1) == b"1", "the server running as nobody did not start"
+        assert os.stat(path).st_uid == NOBODY
+        (same_user,) = run_as(NOBODY, NOBODY, [], calls_from(path, READ_AND_CHANGE[1]))
+        assert same_user["result"] == {"mode": "drop"}
+        (stranger,) = run_as(OTHER_UID, OTHER_UID, [], calls_from(path, READ_AND_CHANGE[1]))
+        assert "only root and uid 65534 (nobody)" in error_of(stranger)["message"]
+        assert Client(path).call(*READ_AND_CHANGE[1])["result"] == {"mode": "drop"}  # root
+    finally:
+        os.close(stop_w)
+        _, status = os.waitpid(pid, 0)
+        os.close(ready_r)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not os.path.exists(path)
+
+
+# ---------------------------------------------------------------------------- socket files
+@needs_root
+def test_serve_creates_the_directory_0755_and_the_socket_0660_in_its_group(run_dir):
+    path = os.path.join(run_dir, "sub", "dir", "demo.sock")
+    with ControlServer(path, socket_group=OPS_GID) as server:
+        server.serve()
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o755
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == OPS_GID
+    assert not os.path.exists(path)
+
+
+def test_a_stale_socket_is_replaced(run_dir, calls):
+    path = os.path.join(run_dir, "stale.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)  # a killed daemon leaves its socket file behind
+    dead.close()
+    with ControlServer(path) as server:
+        register_test_methods(server, calls)
+        server.serve()
+        assert Client(path).call("echo", {"text": "new"})["result"] == {"text": "new"}
+
+
+def test_a_socket_something_listens_on_is_not_taken_over(serve, run_dir):
+    first = serve(name="live")
+    second = ControlServer(first.path)
+    with pytest.raises(ControlError, match=rf"another process \(pid {os.getpid()}\) is listen"):
+        second.serve()
+    second.close()
+    assert os.path.exists(first.path)
+    assert Client(first.path).call("echo", {"text": "first"})["result"] == {"text": "first"}
+
+
+def test_a_path_that_is_not_a_socket_is_left_alone(run_dir):
+    path = os.path.join(run_dir, "file.sock")
+    with open(path, "w") as f:
+        f.write("precious")
+    with pytest.raises(ControlError, match="exists and is not a socket"):
+        ControlServer(path).serve()
+    with open(path) as f:
+        assert f.read() == "precious"
+
+
+def test_close_does_not_remove_a_socket_that_replaced_ours(serve):
+    server = serve()
+    os.unlink(server.path)
+    newcomer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    newcomer.bind(server.path)
+    server.close()
+    assert os.path.exists(server.path)
+    newcomer.close()
+
+
+def test_close_is_idempotent_and_a_closed_server_does_not_serve_again(serve):
+    server = serve()
+    server.close()
+    server.close()
+    assert not server.serving and not os.path.exists(server.path)
+    with pytest.raises(RuntimeError):
+        server.serve()
+
+
+def test_a_handler_may_close_the_server_and_still_gets_its_answer_out(run_dir):
+    path = os.path.join(run_dir, "stop.sock")
+    server = ControlServer(path)
+
+    def shutdown():
+        server.close()
+        return {"stopping": True}
+
+    server.register("shutdown", shutdown, params_schema={}, mutating=True)
+    server.serve()
+    assert Client(path).call("shutdown")["result"] == {"stopping": True}
+    wait_until(lambda: not server.serving, what="the server thread to end")
+    assert not os.path.exists(path)
+    server.close()
+
+
+def test_registering_a_name_twice_or_a_reserved_name_is_refused(run_dir):
+    server = ControlServer(os.path.join(run_dir, "x.sock"))
+    server.register("a", lambda: 1, params_schema={}, mutating=False)
+    with pytest.raises(ValueError, match="already registered"):
+        server.register("a", lambda: 2, params_schema={}, mutating=False)
+    with pytest.raises(ValueError, match="reserved"):
+        server.register("rpc.discover", lambda: 2, params_schema={}, mutating=False)
+    with pytest.raises(TypeError, match="give a Param"):
+        server.register("b", lambda x: x, params_schema={"x": str}, mutating=False)
+
+
+def test_socket_path_refuses_names_that_are_not_file_names(monkeypatch):
+    monkeypatch.delenv("IXYD_RUN_DIR", raising=False)
+    assert socket_path("0000:03:00.0") == "/run/ixyd/0000:03:00.0.sock"
+    monkeypatch.setenv("IXYD_RUN_DIR", "/tmp/x")
+    assert socket_path("demo") == "/tmp/x/demo.sock"
+    for bad in ("../etc/passwd", "a/b", "", ".hidden", "demo\n"):
+        with pytest.raises(ConfigError):
+            socket_path(bad)
+
+
+# ---------------------------------------------------------------------------- socket activation
+ACTIVATED_DAEMON = textwrap.dedent(
+    """
+    import sys, threading
+    if sys.argv[1] == "no-systemd-python":
+        sys.modules["systemd"] = None  # force the pure-Python fallback
+    from ixyd.control import ControlServer
+    from ixyd.errors import IxydError
+    try:
+        server = ControlServer.for_instance("act", run_dir=sys.argv[2])
+    except IxydError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(3)
+    stop = threading.Event()
+    server.register("where", lambda: {"activated": server.activated, "path": server.path,
+                                      "fd": server._listen_socket.fileno()},
+                    params_schema={}, mutating=False)
+    server.register("shutdown", lambda: stop.set(), params_schema={}, mutating=True)
+    server.serve()
+    stop.wait(30)
+    server.close()
+    """
+)
+
+
+def write_daemon_script(directory):
+    script = os.path.join(directory, "daemon.py")
+    with open(script, "w") as f:
+        f.write(ACTIVATED_DAEMON)
+    return script
+
+
+def check_activated_daemon(daemon, path, unused_dir):
+    client = Client(path, timeout=20)
+    where = client.call("where")["result"]
+    assert where == {"activated": True, "path": path, "fd": 3}
+    assert client.call("shutdown")["result"] is None
+    assert daemon.wait(20) == 0, daemon.stderr.read()
+    assert os.path.exists(path), "the daemon removed a socket it did not create"
+    assert os.listdir(unused_dir) == [], "the daemon made its own socket instead"
+
+
+@pytest.mark.skipif(
+    not shutil.which("systemd-socket-activate"), reason="no systemd-socket-activate"
+)
+def test_socket_activation_through_systemd_socket_activate(run_dir):
+    path = os.path.join(run_dir, "act.sock")
+    unused = os.path.join(run_dir, "unused")
+    os.mkdir(unused)
+    script = write_daemon_script(run_dir)
+    daemon = subprocess.Popen(
+        ["systemd-socket-activate", "-l", path, "--fdname=control"]
+        + [sys.executable, script, "systemd-python", unused],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: os.path.exists(path), what="systemd-socket-activate to listen")
+        # it starts the daemon on the first connection, handing over the listening socket
+        check_activated_daemon(daemon, path, unused)
+    finally:
+        daemon.kill()
+        daemon.wait()
+        daemon.stderr.close()
+
+
+def sd_listen_wrapper(names):
+    """sh that moves its stdin (the listening socket) to fd 3 and sets LISTEN_* for the
+    process it execs, as systemd does (LISTEN_PID is the shell's pid, kept across exec)."""
+    return [
+        "sh",
+        "-c",
+        'exec 3<&0 </dev/null; export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES="$0"; exec "$@"',
+        names,
+    ]
+
+
+@pytest.mark.parametrize("variant", ["systemd-python", "no-systemd-python"])
+def test_socket_activation_through_an_inherited_fd(run_dir, variant):
+    path = os.path.join(run_dir, "act.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    unused = os.path.join(run_dir, "unused")
+    os.mkdir(unused)
+    script = write_daemon_script(run_dir)
+    daemon = subprocess.Popen(
+        [*sd_listen_wrapper("control"), sys.executable, script, variant, unused],
+        stdin=listener.fileno(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    listener.close()  # the daemon holds the only listening fd now
+    try:
+        check_activated_daemon(daemon, path, unused)
+    finally:
+        daemon.kill()
+        daemon.wait()
+        daemon.stderr.close()
+
+
+def test_an_activated_socket_that_is_not_a_stream_socket_is_refused(run_dir):
+    path = os.path.join(run_dir, "dgram.sock")
+    wrong = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    wrong.bind(path)
+    script = write_daemon_script(run_dir)
+    daemon = subprocess.run(
+        [*sd_listen_wrapper("control"), sys.executable, script, "no-systemd-python", run_dir],
+        stdin=wrong.fileno(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    wrong.close()
+    assert daemon.returncode == 3
+    assert "is AF_UNIX/SOCK_DGRAM, not a Unix stream socket" in daemon.stderr
+
+
+def test_listen_fds_fallback_follows_sd_listen_fds():
+    pid = os.getpid()
+    assert _listen_fds_from_environment({}, pid) == {}
+    other = {"LISTEN_PID": str(pid + 1), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "control"}
+    assert _listen_fds_from_environment(other, pid) == {}  # meant for another process
+    colon = {"LISTEN_PID": str(pid), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "ixyd@0000:03:00.0"}
+    with pytest.raises(ControlError, match="FileDescriptorName=control"):
+        _listen_fds_from_environment(colon, pid)
