@@ -1,8 +1,8 @@
 """cffi API-mode build of the 82599 model's packet engine (module ixyd.model._engine)."""
 
-import glob
 import os
 import re
+import sys
 
 from cffi import FFI
 
@@ -23,15 +23,14 @@ def _cdef_from_header(path: str) -> str:
     return "\n".join(lines)
 
 
-# setuptools (pip install) builds from the project root and refuses absolute source paths;
-# the in-place build below goes through cffi's compile(), which changes into its tmpdir
-# first, so it needs absolute ones.
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "native"))
+import buildtools  # noqa: E402  (by path: setuptools runs this file on its own)
+
 _IN_PLACE = __name__ == "__main__"
-_ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def _path(path: str) -> str:
-    return path if _IN_PLACE else os.path.relpath(path, _ROOT)
+    return buildtools.source_path(path, _IN_PLACE)
 
 
 ffibuilder = FFI()
@@ -48,18 +47,4 @@ ffibuilder.set_source(
 
 if __name__ == "__main__":
     # Development build in place: python ixyd/model/build_engine.py
-    import shutil
-
-    root = os.path.dirname(os.path.dirname(HERE))
-    built = ffibuilder.compile(tmpdir=os.path.join(root, "build", "cffi"), verbose=False)
-    target = os.path.join(HERE, os.path.basename(built).split(".")[0] + ".abi3.so")
-    # copy, then rename: overwriting the file in place would change the pages of a module a
-    # running process has mapped (SIGBUS); a rename leaves that process its old file
-    shutil.copyfile(built, target + ".tmp")
-    os.replace(target + ".tmp", target)
-    # the same file name as pip's build (module.abi3.so): Python prefers a module.cpython-3xx
-    # twin over it, so a stale one of those would shadow every fresh build; remove it
-    stem = os.path.basename(target).split(".")[0]
-    for twin in glob.glob(os.path.join(os.path.dirname(target), stem + ".*.so")):
-        if twin != target:
-            os.remove(twin)
+    print(buildtools.build_in_place(ffibuilder, HERE), file=sys.stderr)

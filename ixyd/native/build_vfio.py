@@ -11,9 +11,7 @@ development: the extension is compiled under build/cffi and copied into ixyd/.
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
 import sys
 
 import cffi
@@ -132,15 +130,14 @@ void *ixyd_vfio_mmap(int fd, uint64_t size, uint64_t offset, int *error);
 int ixyd_vfio_munmap(void *addr, uint64_t size);
 """
 
-# setuptools (pip install) builds from the project root and refuses absolute source paths;
-# the in-place build below goes through cffi's compile(), which changes into its tmpdir
-# first, so it needs absolute ones.
+sys.path.insert(0, HERE)
+import buildtools  # noqa: E402  (by path: setuptools runs this file on its own)
+
 _IN_PLACE = __name__ == "__main__"
-_ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def _path(path: str) -> str:
-    return path if _IN_PLACE else os.path.relpath(path, _ROOT)
+    return buildtools.source_path(path, _IN_PLACE)
 
 
 ffibuilder = cffi.FFI()
@@ -154,23 +151,5 @@ ffibuilder.set_source(
 )
 
 
-def build_in_place() -> str:
-    """Compile into <project>/build/cffi and copy the module next to ixyd's sources."""
-    package_dir = os.path.dirname(HERE)
-    build_dir = os.path.join(os.path.dirname(package_dir), "build", "cffi")
-    os.makedirs(build_dir, exist_ok=True)
-    built = ffibuilder.compile(tmpdir=build_dir, verbose=False)
-    target = os.path.join(package_dir, os.path.basename(built).split(".")[0] + ".abi3.so")
-    shutil.copyfile(built, target + ".tmp")
-    os.replace(target + ".tmp", target)  # atomic: a running process keeps its old mapping
-    # the same file name as pip's build (module.abi3.so): Python prefers a module.cpython-3xx
-    # twin over it, so a stale one of those would shadow every fresh build; remove it
-    stem = os.path.basename(target).split(".")[0]
-    for twin in glob.glob(os.path.join(os.path.dirname(target), stem + ".*.so")):
-        if twin != target:
-            os.remove(twin)
-    return target
-
-
 if __name__ == "__main__":
-    print(build_in_place(), file=sys.stderr)
+    print(buildtools.build_in_place(ffibuilder, os.path.dirname(HERE)), file=sys.stderr)
