@@ -1,0 +1,672 @@
+"""`ixyd`: the daemon. One instance per process: its ports, pinned workers, the control socket.
+
+    ixyd 0000:03:00.0              the instance for that function (/etc/ixyd/<name>.toml)
+    ixyd NAME --config FILE        an instance described by FILE
+    ixyd --demo                    two model ports with traffic, forwarding to each other
+
+Life cycle: load the configuration, lay the persisted runtime state over it, open the
+devices (VFIO or the model), bring every port up with its driver, build one worker per RX
+queue (each can send on a TX queue of every port), set the forwarding, start the workers,
+serve the control socket, then wait. SIGTERM / SIGINT / the `shutdown` method stop it:
+control socket, workers (bounded), ports, devices (given back to their kernel driver when
+configured). SIGHUP re-reads the configuration.
+
+Threads: the main thread waits and samples rates; control handlers run on the
+`ixyd-control` thread and only flip forwarding entries and read counters; workers never
+wait for either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from . import __version__
+from .config import (
+    DEFAULT_STATE_DIR,
+    DEMO_INSTANCE,
+    Forward,
+    InstanceConfig,
+    PortSpec,
+    demo_config,
+    load,
+)
+from .control import IXYD_METHODS, ControlServer, ErrorCode, RpcError
+from .drivers import igb, ixgbe
+from .drivers.port import IntelPort
+from .drivers.rings import Mempool, RxQueue
+from .errors import ConfigError, IxydError, UnsupportedDeviceError
+from .state import StateStore
+from .worker import ForwardingTable, Worker
+
+log = logging.getLogger("ixyd")
+
+NETLINK_TIMEOUT = 5.0  # seconds a TAP interface may take to be created or removed
+RATE_INTERVAL = 1.0  # seconds between rate samples (stats `rates`)
+WORKER_STOP_TIMEOUT = 2.0  # seconds each worker gets to leave its loop
+GENERATOR_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: never mistaken for real traffic
+GENERATOR_SEQ_OFFSET = 14  # the sequence number right after the Ethernet header
+BROADCAST = b"\xff" * 6
+WORKER_COUNTERS = (  # per-RX-queue worker counters added to a port's `counters`
+    "dropped_by_mode",
+    "drop_tx_full",
+    "to_host",
+    "drop_exception_full",
+    "from_host",
+    "drop_from_host",
+)
+EXIT_OK, EXIT_CONFIG, EXIT_DEVICE = 0, 2, 1
+
+
+class ServicePort:
+    """One running port: its driver, the workers that poll its RX queues, its forwarding."""
+
+    def __init__(self, spec: PortSpec, driver: IntelPort, backend_handle: Any = None):
+        self.spec = spec
+        self.name = spec.address
+        self.driver = driver
+        self.backend_handle = backend_handle  # VfioDevice, or None for the model
+        self.forward = Forward()
+        self.workers: list[tuple[Worker, RxQueue, int]] = []  # (worker, its RX queue, index k)
+        self.generating: tuple[Worker, Any] | None = None  # (worker, TX queue) of the generator
+        self.generators: list[Any] = []  # every Generator started on this port, for counters
+        self.tap: tuple[Any, Any] | None = None  # (TapInterface, TapBridge) in mode tap
+        self.baseline: dict[str, int] = {}
+        self.rates: dict[str, float] | None = None
+        self.traffic = None  # the model's TrafficEndpoint on this port's wire, demo only
+
+
+class Instance:
+    """A running ixyd instance. `start()`, then `run()` until stopped, then `stop()`."""
+
+    def __init__(self, config: InstanceConfig, *, run_dir: str | None = None, config_path=None):
+        self.config = config
+        self.config_path = config_path
+        self.run_dir = run_dir
+        self.state = "starting"
+        self.started = time.monotonic()
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        self.table = ForwardingTable()
+        self.ports: list[ServicePort] = []
+        self.workers: list[Worker] = []
+        self.store = StateStore(config.state_dir, config.instance)
+        self.server: ControlServer | None = None
+        self._model_nics: dict[str, Any] = {}
+        self._vfio_container = None
+        self._bindings: list[Any] = []
+        self._last_sample: tuple[float, dict[str, dict[str, int]]] | None = None
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> None:
+        """Bring everything up; on failure release what was set up and re-raise."""
+        try:
+            saved = self.store.load()
+            self._open_ports()
+            self._build_workers()
+            for port in self.ports:
+                self._restore(port, saved.get(port.name, {}))
+            for worker in self.workers:
+                worker.start()
+            self._start_traffic()
+            self._serve_control()
+            self.state = "running"
+            log.info(
+                "instance %s running: %d ports, %d workers",
+                self.config.instance,
+                len(self.ports),
+                len(self.workers),
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    def _open_ports(self) -> None:
+        workers = self.config.worker_count
+        devices = [self._open_device(spec) for spec in self.config.ports]
+        # a model port's link is up only with something on its wire: plug the traffic in
+        # before the driver waits for the link
+        wires = {
+            spec.address: dev.nic.attach_traffic(dev)
+            for spec, dev in zip(self.config.ports, devices, strict=True)
+            if spec.backend == "model"
+        }
+        for spec, dev in zip(self.config.ports, devices, strict=True):
+            config = dataclasses.replace(spec.port, tx_queues=spec.tx_queues or workers)
+            driver_class = _driver_class(dev)
+            log.info(
+                "%s: bringing up (%s backend)",
+                spec.address,
+                spec.backend,
+                extra={"DEVICE": spec.address},
+            )
+            driver = driver_class(dev, config)
+            port = ServicePort(spec, driver, dev if spec.backend == "vfio" else None)
+            port.traffic = wires.get(spec.address)
+            self.ports.append(port)
+
+    def _open_device(self, spec: PortSpec):
+        if spec.backend == "model":
+            from .model import ModelNic  # the model is only loaded when a port uses it
+
+            nic = self._model_nics.get(spec.model_nic)
+            if nic is None:
+                count = 1 + max(
+                    p.model_index
+                    for p in self.config.ports
+                    if p.backend == "model" and p.model_nic == spec.model_nic
+                )
+                nic = ModelNic(count, mode="thread", name=spec.model_nic)
+                self._model_nics[spec.model_nic] = nic
+            return nic.ports[spec.model_index]
+        from .pci import bind_vfio
+        from .vfio import VfioContainer, VfioDevice
+
+        self._bindings.append(bind_vfio(spec.address, force=self.config.force_bind))
+        if self._vfio_container is None:
+            self._vfio_container = VfioContainer()
+        return VfioDevice.open(spec.address, self._vfio_container)
+
+    def _build_workers(self) -> None:
+        """One worker per RX queue; worker k sends on TX queue k of every port."""
+        allowed = sorted(os.sched_getaffinity(0))
+        k = 0
+        for port in self.ports:
+            cpus = list(port.spec.cpus)
+            for q, rxq in enumerate(port.driver.rx_queues):
+                cpu = cpus[q % len(cpus)] if cpus else allowed[k % len(allowed)]
+                worker = Worker(
+                    self.table,
+                    [rxq],
+                    [p.driver.tx_queues[k] for p in self.ports],
+                    cpu=cpu,
+                    name=f"ixyd-w{k}-{port.name}.q{q}",
+                    exception_queues=[rxq],
+                )
+                self.workers.append(worker)
+                port.workers.append((worker, rxq, k))
+                k += 1
+
+    def _restore(self, port: ServicePort, saved: dict[str, Any]) -> None:
+        forward = port.spec.forward
+        if "forward" in saved:
+            try:
+                forward = Forward.parse(saved["forward"], f"state {port.name}.forward")
+                self._check_target(port, forward)
+                log.info("%s: restoring forwarding %s", port.name, forward.to_json())
+            except (ConfigError, RpcError) as exc:
+                log.warning("%s: ignoring the saved forwarding: %s", port.name, exc)
+                forward = port.spec.forward
+        self._apply_forward(port, forward)
+        promisc = saved.get("promisc")
+        if isinstance(promisc, bool) and promisc != port.driver.promisc:
+            port.driver.set_promisc(promisc)
+
+    def _start_traffic(self) -> None:
+        """Each model port faces a generator/checker; ports 2i and 2i+1 of a card are paired:
+        what one generator sends into its port is checked leaving the other."""
+        t = self.config.traffic
+        model = {(p.spec.model_nic, p.spec.model_index): p for p in self.ports if p.traffic}
+        for (_, index), port in model.items():
+            port.traffic.configure(
+                size=t.size, flows=t.flows, count=t.frames, rate=t.rate, stream=index + 1
+            )
+        for (nic, index), port in model.items():
+            peer = model.get((nic, index ^ 1))
+            if peer is not None:
+                port.traffic.pair(peer.traffic)
+        for port in model.values():
+            port.traffic.start()
+
+    def _serve_control(self) -> None:
+        if self.config.control_socket:
+            server = ControlServer(self.config.control_socket)
+        else:
+            server = ControlServer.for_instance(self.config.instance, run_dir=self.run_dir)
+        handlers = {
+            "status": self.rpc_status,
+            "ports": self.rpc_ports,
+            "stats": self.rpc_stats,
+            "link": self.rpc_link,
+            "get_forward": self.rpc_get_forward,
+            "set_forward": self.rpc_set_forward,
+            "reset_stats": self.rpc_reset_stats,
+            "set_promisc": self.rpc_set_promisc,
+            "shutdown": self.rpc_shutdown,
+        }
+        for name, spec in IXYD_METHODS.items():
+            server.register(name, handlers[name], params_schema=spec.params, mutating=spec.mutating)
+        self.server = server
+        server.serve()
+
+    # ------------------------------------------------------------------ forwarding
+    def _find(self, name: str) -> ServicePort:
+        for port in self.ports:
+            if name in (port.name, port.driver.dev.address):
+                return port
+        names = ", ".join(p.name for p in self.ports)
+        raise RpcError(ErrorCode.NOT_FOUND, f"no port {name!r} (ports: {names})")
+
+    def _check_target(self, port: ServicePort, forward: Forward) -> None:
+        if forward.mode == "port":
+            target = self._find(forward.to)
+            if target is port:
+                raise ConfigError(f"{port.name}: 'to' names the port itself; use mode reflect")
+
+    def _apply_forward(self, port: ServicePort, forward: Forward) -> None:
+        """Steer every RX queue of `port`; workers pick the change up between two batches.
+        Raises ConfigError / RpcError before anything changes when the setting is refused."""
+        tap = self._open_tap(port, forward) if forward.mode == "tap" else None
+        target = self._find(forward.to) if forward.mode == "port" else None
+        if forward.mode != "generate" and port.generating is not None:
+            worker, txq = port.generating
+            worker.stop_generator(txq)
+            port.generating = None
+        for _, rxq, k in port.workers:
+            if forward.mode == "port":
+                self.table.set(rxq, "port", tx=target.driver.tx_queues[k])
+            elif forward.mode == "tap":
+                self.table.set(rxq, "exception", tx=port.driver.tx_queues[k])
+            elif forward.mode == "reflect":
+                self.table.set(
+                    rxq, "reflect", tx=port.driver.tx_queues[k], swap_mac=forward.swap_mac
+                )
+            else:  # drop, and generate (what arrives is dropped while we send)
+                self.table.set(rxq, "drop")
+        if forward.mode == "generate":
+            self._start_generator(port, forward)
+        if port.tap is not None and port.tap is not tap:
+            self._close_tap(port)  # after the entry changed: the worker sends what it holds
+        port.tap = tap
+        port.forward = forward
+
+    def _open_tap(self, port: ServicePort, forward: Forward):
+        """The TAP interface and its bridge for mode tap (the current ones if unchanged).
+        Raises RpcError DEVICE_ERROR when ixyd/tap.py is missing or the TAP cannot be made."""
+        if port.tap is not None and port.forward.ifname == forward.ifname:
+            return port.tap
+        if importlib.util.find_spec("ixyd.tap") is None:
+            raise RpcError(ErrorCode.DEVICE_ERROR, "tap mode is not available in this build")
+        from .tap import TapBridge, TapInterface
+
+        if len(port.workers) != 1:
+            raise ConfigError(f"{port.name}: tap mode needs a port with one RX queue")
+        if port.tap is not None:  # another interface: one bridge per exception channel
+            self._close_tap(port)
+        worker, rxq, _ = port.workers[0]
+        tap = self._off_loop(lambda: TapInterface.create(forward.ifname, mac=port.driver.mac))
+        try:
+            bridge = TapBridge(worker.exception(rxq), tap, name=f"ixyd-tap-{forward.ifname}")
+            bridge.start()
+        except BaseException:
+            self._off_loop(tap.close)
+            raise
+        log.info("%s: TAP interface %s bridged", port.name, forward.ifname)
+        return (tap, bridge)
+
+    def _off_loop(self, action):
+        """Run `action` on a helper thread and return its result: pyroute2 runs an asyncio
+        loop of its own, which cannot start on the control thread (its loop is running)."""
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ixyd-netlink") as pool:
+            return pool.submit(action).result(NETLINK_TIMEOUT)
+
+    def _close_tap(self, port: ServicePort) -> None:
+        tap, bridge = port.tap
+        port.tap = None
+        _quietly(bridge.stop, f"stopping the TAP bridge of {port.name}")
+        _quietly(lambda: self._off_loop(tap.close), f"removing TAP interface {tap.name}")
+
+    def _start_generator(self, port: ServicePort, forward: Forward) -> None:
+        worker, _, k = port.workers[0]
+        txq = port.driver.tx_queues[k]
+        frame = (BROADCAST + port.driver.mac + GENERATOR_ETHERTYPE.to_bytes(2, "big")).ljust(
+            forward.size, b"\0"
+        )
+        pool = Mempool(port.driver.dev.dma, max(1024, 2 * txq.size))
+        generator = worker.generate(
+            txq,
+            frame,
+            pool=pool,
+            rate=forward.rate,
+            count=forward.count,
+            seq_offset=GENERATOR_SEQ_OFFSET,
+        )
+        port.generators.append(generator)  # the worker keeps it (and its pool) until close
+        port.generating = (worker, txq)
+
+    # ------------------------------------------------------------------ counters
+    def _counters(self, port: ServicePort) -> dict[str, int]:
+        """Raw totals since start: the driver's stats plus the workers' per-queue counters."""
+        counters = dict(port.driver.stats())
+        for name in WORKER_COUNTERS:
+            counters[name] = 0
+        counters["forwarded"] = 0
+        for worker, rxq, _ in port.workers:
+            q = worker.queue_stats(rxq)
+            for name in WORKER_COUNTERS:
+                counters[name] += q[name]
+            counters["forwarded"] += q["sent"]
+        counters["generated"] = sum(g.stats["sent"] for g in port.generators)
+        return counters
+
+    def sample_rates(self) -> None:
+        """Per-second rates over the last RATE_INTERVAL (main thread)."""
+        now = time.monotonic()
+        current = {p.name: self._counters(p) for p in self.ports}
+        if self._last_sample is not None:
+            then, before = self._last_sample
+            dt = now - then
+            if dt > 0:
+                for port in self.ports:
+                    a, b = before[port.name], current[port.name]
+                    port.rates = {
+                        "rx_pps": (b["rx_packets"] - a["rx_packets"]) / dt,
+                        "rx_bps": 8 * (b["rx_bytes"] - a["rx_bytes"]) / dt,
+                        "tx_pps": (b["tx_packets"] - a["tx_packets"]) / dt,
+                        "tx_bps": 8 * (b["tx_bytes"] - a["tx_bytes"]) / dt,
+                    }
+        self._last_sample = (now, current)
+
+    # ------------------------------------------------------------------ control methods
+    def _selected(self, port: str | None) -> list[ServicePort]:
+        return self.ports if port is None else [self._find(port)]
+
+    def rpc_status(self) -> dict:
+        return {
+            "instance": self.config.instance,
+            "version": __version__,
+            "pid": os.getpid(),
+            "state": self.state,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "ports": [p.name for p in self.ports],
+            "workers": sum(w.running for w in self.workers),
+            "config": self.config.source or "(built in)",
+            "state_file": self.store.path,
+        }
+
+    def rpc_ports(self) -> dict:
+        out = []
+        for p in self.ports:
+            up, speed = p.driver.link()
+            out.append(
+                {
+                    "name": p.name,
+                    "address": p.driver.dev.address,
+                    "backend": p.spec.backend,
+                    "driver": "ixgbe" if isinstance(p.driver, ixgbe.IxgbePort) else "igb",
+                    "device": p.driver.info.name,
+                    "mac": p.driver.mac_address,
+                    "link": {"up": up, "speed_mbps": speed},
+                    "promisc": p.driver.promisc,
+                    "rx_queues": len(p.driver.rx_queues),
+                    "tx_queues": len(p.driver.tx_queues),
+                    "forward": p.forward.to_json(),
+                }
+            )
+        return {"ports": out}
+
+    def rpc_stats(self, port: str | None = None) -> dict:
+        result: dict[str, Any] = {"ports": []}
+        for p in self._selected(port):
+            raw = self._counters(p)
+            entry: dict[str, Any] = {
+                "name": p.name,
+                "counters": {k: v - p.baseline.get(k, 0) for k, v in raw.items()},
+            }
+            if p.rates is not None:
+                entry["rates"] = p.rates
+            result["ports"].append(entry)
+        traffic = [
+            {"port": p.name, **{k: int(v) for k, v in p.traffic.stats.items()}}
+            for p in self.ports
+            if p.traffic is not None
+        ]
+        if traffic:  # the model's generator/checker on each wire (demo): sent into the
+            result["traffic"] = traffic  # port, and what the port transmitted, checked
+        return result
+
+    def rpc_link(self, port: str | None = None) -> dict:
+        out = []
+        for p in self._selected(port):
+            up, speed = p.driver.link()
+            out.append({"name": p.name, "up": up, "speed_mbps": speed})
+        return {"ports": out}
+
+    def rpc_get_forward(self, port: str | None = None) -> dict:
+        return {
+            "ports": [
+                {"name": p.name, "forward": p.forward.to_json()} for p in self._selected(port)
+            ]
+        }
+
+    def rpc_set_forward(self, port: str, mode: str, **args: Any) -> dict:
+        p = self._find(port)
+        forward = Forward.parse({"mode": mode, **args}, "set_forward")
+        self._check_target(p, forward)
+        if forward.mode == "port":
+            forward = dataclasses.replace(forward, to=self._find(forward.to).name)
+        self._apply_forward(p, forward)
+        log.info("%s: forwarding now %s", p.name, forward.to_json(), extra={"DEVICE": p.name})
+        self._persist(p.name, forward=forward.to_json())
+        return {"name": p.name, "forward": forward.to_json()}
+
+    def rpc_reset_stats(self, port: str | None = None) -> dict:
+        selected = self._selected(port)
+        for p in selected:
+            p.baseline = self._counters(p)
+        return {"ports": [p.name for p in selected]}
+
+    def rpc_set_promisc(self, port: str, on: bool) -> dict:
+        p = self._find(port)
+        p.driver.set_promisc(on)
+        self._persist(p.name, promisc=on)
+        return {"name": p.name, "promisc": p.driver.promisc}
+
+    def rpc_shutdown(self) -> dict:
+        log.info("shutdown requested over the control socket")
+        self.stop_requested.set()
+        return {"stopping": True}
+
+    def _persist(self, port: str, **settings: Any) -> None:
+        try:
+            self.store.update(port, **settings)
+        except OSError as exc:  # the change is in effect; only its survival is at stake
+            log.error("cannot write the state file %s: %s", self.store.path, exc)
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> None:
+        """Wait for a stop request, sampling rates and serving SIGHUP reloads."""
+        while not self.stop_requested.wait(RATE_INTERVAL):
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            try:
+                self.sample_rates()
+            except IxydError as exc:
+                log.error("sampling counters: %s", exc)
+            for worker in self.workers:
+                if worker.error is not None and not worker.running:
+                    log.error("worker %s failed: %s", worker.name, worker.error)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration. Port layout changes need a restart; runtime
+        state (forwarding, promisc) stays as ixyd-ctl left it."""
+        if self.config_path is None and self.config.source is None:
+            log.info("SIGHUP: built-in configuration, nothing to reload")
+            return
+        self.state = "reloading"
+        try:
+            new = load(self.config.instance, self.config_path or self.config.source)
+        except ConfigError as exc:
+            log.error("SIGHUP: keeping the running configuration: %s", exc)
+            self.state = "running"
+            return
+        if [dataclasses.replace(p, forward=Forward()) for p in new.ports] != [
+            dataclasses.replace(p, forward=Forward()) for p in self.config.ports
+        ]:
+            log.warning(
+                "SIGHUP: the ports changed in %s; restart the instance to apply that", new.source
+            )
+        else:
+            log.info("SIGHUP: configuration %s re-read; nothing to change live", new.source)
+        self.state = "running"
+
+    # ------------------------------------------------------------------ stop
+    def stop(self) -> None:
+        """Socket, workers, ports, devices, bindings; never raises, logs what failed."""
+        self.state = "stopping"
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for port in self.ports:
+            if port.traffic is not None:
+                _quietly(port.traffic.stop, "stopping the model traffic")
+        taps = [p.tap for p in self.ports if p.tap is not None]
+        for _, bridge in taps:  # while the workers run: they take the bridges' buffers back
+            _quietly(bridge.stop, f"stopping {bridge.name}")
+        for worker in self.workers:
+            try:
+                worker.stop(WORKER_STOP_TIMEOUT)
+            except TimeoutError as exc:
+                log.error("%s; leaving it (the process is exiting)", exc)
+        for worker in self.workers:
+            if not worker.running:
+                _quietly(worker.close, f"closing worker {worker.name}")
+        for tap, _ in taps:  # the main thread: no event loop in pyroute2's way
+            _quietly(tap.close, f"removing TAP interface {tap.name}")
+        for port in self.ports:
+            _quietly(port.driver.shutdown, f"shutting {port.name} down")
+            if port.backend_handle is not None:
+                _quietly(port.backend_handle.close, f"closing {port.name}")
+        for nic in self._model_nics.values():
+            _quietly(nic.close, f"closing model card {nic.name}")
+        if self._vfio_container is not None:
+            _quietly(self._vfio_container.close, "closing the VFIO container")
+        if self.config.give_back:
+            from .pci import release
+
+            for binding in self._bindings:
+                if binding.original_driver:
+                    _quietly(
+                        lambda b=binding: release(b.address),
+                        f"giving {binding.address} back to {binding.original_driver}",
+                    )
+        self.ports, self.workers, self._model_nics, self._bindings = [], [], {}, []
+        self._vfio_container = None
+
+
+def _quietly(action, what: str) -> None:
+    try:
+        action()
+    except Exception:
+        log.exception("%s failed", what)
+
+
+def _driver_class(dev) -> type[IntelPort]:
+    """ixgbe for an 82599, igb for an 82576; UnsupportedDeviceError (ixgbe's reason) else."""
+    try:
+        ixgbe.identify(dev.ids)
+        return ixgbe.IxgbePort
+    except UnsupportedDeviceError as first:
+        try:
+            igb.identify(dev.ids)
+            return igb.IgbPort
+        except UnsupportedDeviceError:
+            raise first from None
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def setup_logging(instance: str, verbose: bool = False) -> None:
+    """To the journal with INSTANCE (and per record DEVICE) fields under systemd, else stderr."""
+    level = logging.DEBUG if verbose else logging.INFO
+    handler: logging.Handler | None = None
+    if os.environ.get("JOURNAL_STREAM"):
+        try:
+            from systemd.journal import JournalHandler
+
+            handler = JournalHandler(SYSLOG_IDENTIFIER="ixyd", INSTANCE=instance)
+        except ImportError:
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"ixyd[{instance}] %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ixyd", description=__doc__.splitlines()[0])
+    parser.add_argument("instance", nargs="?", help="a PCI address or a config name in /etc/ixyd")
+    parser.add_argument("--config", help="the config file (default /etc/ixyd/<instance>.toml)")
+    parser.add_argument("--demo", action="store_true", help="two model ports with traffic")
+    parser.add_argument("--run-dir", help="control socket directory ($IXYD_RUN_DIR, /run/ixyd)")
+    parser.add_argument("--state-dir", help=f"runtime state (default {DEFAULT_STATE_DIR})")
+    parser.add_argument("--demo-rate", type=int, help="demo traffic, frames/s per direction")
+    parser.add_argument(
+        "--demo-frames", type=int, help="demo traffic, frames per direction, 0 = no end"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    name = DEMO_INSTANCE if args.demo else (args.instance or "ixyd")
+    setup_logging(name, args.verbose)
+    try:
+        if args.demo:
+            traffic = {
+                k: v
+                for k, v in (("rate", args.demo_rate), ("frames", args.demo_frames))
+                if v is not None
+            }
+            config = demo_config(**traffic)
+        else:
+            config = load(args.instance, args.config)
+        if args.state_dir:
+            config = dataclasses.replace(config, state_dir=args.state_dir)
+    except ConfigError as exc:
+        log.error("configuration: %s", exc)
+        print(f"ixyd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    instance = Instance(config, run_dir=args.run_dir, config_path=args.config)
+    stopping = instance.stop_requested
+
+    def on_stop(signum, _frame) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, lambda *_: instance.reload_requested.set())
+    try:
+        instance.start()
+    except ConfigError as exc:
+        log.error("configuration: %s", exc)
+        return EXIT_CONFIG
+    except IxydError as exc:
+        log.error("cannot start instance %s: %s", config.instance, exc)
+        return EXIT_DEVICE
+    try:
+        instance.run()
+    finally:
+        instance.stop()
+        log.info("instance %s stopped", config.instance)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

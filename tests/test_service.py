@@ -1,0 +1,216 @@
+"""End to end: a real `ixyd --demo` process on the model, steered with `ixyd-ctl`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+FRAMES = 12_000  # per direction
+RATE = 6_000  # frames/s per direction: low enough for a 2-CPU CI box to lose nothing
+
+
+class Daemon:
+    def __init__(self, tmp: Path, *extra: str):
+        self.tmp = tmp
+        self.env = {**os.environ, "IXYD_RUN_DIR": str(tmp)}
+        self.env.pop("JOURNAL_STREAM", None)
+        self.socket = tmp / "demo.sock"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ixyd.service",
+                "--demo",
+                "--run-dir",
+                str(tmp),
+                "--state-dir",
+                str(tmp),
+                *extra,
+            ],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 20
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"ixyd did not start: {self.proc.communicate()[0]}")
+            time.sleep(0.05)
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [str(BIN / "ixyd-ctl"), "-i", "demo", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    def json(self, *args: str) -> dict:
+        return json.loads(self.ctl(*args, "--json").stdout)
+
+    def terminate(self, timeout: float = 10.0) -> tuple[int, str, float]:
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        out = self.proc.communicate(timeout=timeout)[0]
+        return self.proc.returncode, out, time.monotonic() - started
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path, "--demo-rate", str(RATE), "--demo-frames", str(FRAMES))
+    yield d
+    if d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+
+
+def traffic(d: Daemon) -> dict[str, dict]:
+    return {t["port"]: t for t in d.json("stats")["traffic"]}
+
+
+def test_status_ports_and_stats_answer(daemon):
+    status = daemon.json("status")
+    assert status["instance"] == "demo" and status["state"] == "running"
+    assert status["ports"] == ["demo.0", "demo.1"] and status["workers"] == 2
+    ports = daemon.json("ports")["ports"]
+    assert [p["forward"] for p in ports] == [
+        {"mode": "port", "to": "demo.1"},
+        {"mode": "port", "to": "demo.0"},
+    ]
+    assert all(p["link"]["up"] for p in ports)
+    time.sleep(0.3)
+    stats = daemon.json("stats")
+    assert all(p["counters"]["rx_packets"] > 0 for p in stats["ports"])
+    assert "RX PACKETS" in daemon.ctl("stats").stdout
+    assert daemon.json("reset-stats")["ports"] == ["demo.0", "demo.1"]
+    assert daemon.ctl("set-forward", "demo.9", "drop", check=False).returncode == 1
+
+
+def test_mode_switches_under_traffic_lose_and_duplicate_nothing(daemon):
+    """demo.0 flips between forwarding to demo.1 and reflecting while sequence-numbered
+    frames flow: every frame of generator 0 is checked exactly once, leaving demo.1 (its
+    checker's unique frames) or, reflected, demo.0 (foreign to that checker)."""
+    for mode in (["reflect"], ["port", "demo.1"], ["reflect", "--swap-mac"], ["port", "demo.1"]):
+        daemon.ctl("set-forward", "demo.0", *mode)
+        time.sleep(0.25)
+    deadline = time.monotonic() + 15
+    while True:
+        t = traffic(daemon)
+        accounted = t["demo.1"]["unique"] + t["demo.0"]["foreign"]
+        if (
+            t["demo.0"]["sent"] == FRAMES
+            and accounted >= FRAMES
+            and t["demo.0"]["unique"] >= FRAMES
+        ):
+            break
+        if time.monotonic() > deadline:
+            counters = {p["name"]: p["counters"] for p in daemon.json("stats")["ports"]}
+            pytest.fail(f"frames unaccounted for: {t} {counters}")
+        time.sleep(0.1)
+    assert t["demo.0"]["foreign"] > 0, "no frame was reflected"
+    assert accounted == FRAMES
+    assert t["demo.0"]["unique"] == FRAMES  # the other direction was never disturbed
+    for side in t.values():
+        assert side["duplicates"] == 0 and side["corrupt"] == 0
+
+
+def test_restart_restores_forwarding_and_sigterm_cleans_up(tmp_path):
+    d = Daemon(tmp_path, "--demo-rate", "1000")
+    d.ctl("set-forward", "demo.1", "reflect", "--swap-mac")
+    d.ctl("set-promisc", "demo.0", "off")
+    code, out, took = d.terminate()
+    assert code == 0, out
+    assert took < 5
+    assert not d.socket.exists()
+    assert json.loads((tmp_path / "demo.json").read_text())["ports"]["demo.1"]["forward"] == {
+        "mode": "reflect",
+        "swap_mac": True,
+    }
+    d = Daemon(tmp_path, "--demo-rate", "1000")
+    try:
+        forward = {p["name"]: p["forward"] for p in d.json("get-forward")["ports"]}
+        assert forward["demo.1"] == {"mode": "reflect", "swap_mac": True}
+        assert forward["demo.0"] == {"mode": "port", "to": "demo.1"}
+        assert [p["promisc"] for p in d.json("ports")["ports"]] == [False, True]
+    finally:
+        code, out, _ = d.terminate()
+    assert code == 0, out
+
+
+def test_corrupt_state_file_is_set_aside(tmp_path):
+    (tmp_path / "demo.json").write_text("{not json")
+    d = Daemon(tmp_path, "--demo-rate", "1000")
+    try:
+        assert d.json("get-forward")["ports"][0]["forward"] == {"mode": "port", "to": "demo.1"}
+        assert (tmp_path / "demo.json.bad").read_text() == "{not json"
+    finally:
+        d.terminate()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
+)
+def test_tap_mode_hands_frames_to_the_kernel_and_goes_away(tmp_path):
+    d = Daemon(tmp_path, "--demo-rate", "2000")
+    ifname = f"ixyt{os.getpid() % 10000}"
+    try:
+        d.ctl("set-forward", "demo.0", "tap", ifname)
+        time.sleep(0.5)
+        rx = int(Path(f"/sys/class/net/{ifname}/statistics/rx_packets").read_text())
+        assert rx > 0, "no frame reached the kernel"
+        d.ctl("set-forward", "demo.0", "port", "demo.1")
+        assert not Path(f"/sys/class/net/{ifname}").exists()
+        d.ctl("set-forward", "demo.0", "tap", ifname)
+    finally:
+        code, out, _ = d.terminate()
+    assert code == 0, out
+    assert not Path(f"/sys/class/net/{ifname}").exists()
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[[port]]\naddress = 'demo.0'\nrx_ring = 100\n", ["rx_ring", "power of two"]),
+        ("[[port]]\naddress = 'demo.0'\nbackend = 'dpdk'\n", ["backend", "vfio, model"]),
+        ("colour = 1\n[[port]]\naddress = 'demo.0'\n", ["unknown key colour"]),
+        ("[[port\n", ["not valid TOML"]),
+    ],
+)
+def test_bad_config_is_refused_with_the_key(tmp_path, text, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ixyd.service",
+            "bad",
+            "--config",
+            str(path),
+            "--run-dir",
+            str(tmp_path),
+            "--state-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 2
+    for word in words:
+        assert word in done.stderr
+    assert not (tmp_path / "bad.sock").exists()
