@@ -899,8 +899,10 @@ class ControlServer:
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await writer.wait_closed()
-        except TimeoutError:
-            writer.transport.abort()  # a peer that reads nothing keeps the buffer full
+        except (TimeoutError, asyncio.CancelledError):
+            # a peer that reads nothing keeps the buffer full; at shutdown the server
+            # cancels connection tasks, also while they wait here: abort, don't re-raise
+            writer.transport.abort()
         except Exception:  # already reset by the peer
             pass
 

@@ -515,14 +515,18 @@ def build_parser() -> argparse.ArgumentParser:
     set_forward = command("set-forward", "change where a port's received frames go")
     set_forward.add_argument("port", metavar="PORT", help="a port's name or PCI address")
     modes = set_forward.add_subparsers(dest="mode", required=True, metavar="MODE")
-    mode = modes.add_parser("port", help="out of another port of this instance")
+    mode = modes.add_parser("port", help="out of another port of this instance", parents=[common])
     mode.add_argument("to", metavar="TARGET", help="the other port's name or PCI address")
-    mode = modes.add_parser("reflect", help="back out of the same port")
+    mode = modes.add_parser("reflect", help="back out of the same port", parents=[common])
     mode.add_argument("--swap-mac", action="store_true", help="swap source and destination MAC")
-    modes.add_parser("drop", help="count and drop")
-    mode = modes.add_parser("tap", help="to the kernel through a TAP interface, and back")
+    modes.add_parser("drop", help="count and drop", parents=[common])
+    mode = modes.add_parser(
+        "tap", help="to the kernel through a TAP interface, and back", parents=[common]
+    )
     mode.add_argument("ifname", metavar="IFNAME", help="the TAP interface's name")
-    mode = modes.add_parser("generate", help="send generated frames instead of forwarding")
+    mode = modes.add_parser(
+        "generate", help="send generated frames instead of forwarding", parents=[common]
+    )
     mode.add_argument("--size", type=parse_count, help="frame size in bytes, without the FCS")
     mode.add_argument("--rate", type=parse_count, metavar="PPS", help="frames per second")
     mode.add_argument("--count", type=parse_count, metavar="N", help="frames to send")

@@ -548,6 +548,11 @@ class Instance:
             if port.backend_handle is not None:
                 _quietly(port.backend_handle.close, f"closing {port.name}")
         for nic in self._model_nics.values():
+            held = nic.mapping_count  # what the ports and workers did not unmap
+            _quietly(nic.stop, f"stopping model card {nic.name}")
+            _quietly(nic.dma.close, f"releasing the DMA memory of model card {nic.name}")
+            left = nic.mapping_count  # the model's IOMMU, before the card is freed
+            log.info("model card %s: %d DMA mappings at exit, %d remain", nic.name, held, left)
             _quietly(nic.close, f"closing model card {nic.name}")
         if self._vfio_container is not None:
             _quietly(self._vfio_container.close, "closing the VFIO container")
@@ -572,16 +577,19 @@ def _quietly(action, what: str) -> None:
 
 
 def _driver_class(dev) -> type[IntelPort]:
-    """ixgbe for an 82599, igb for an 82576; UnsupportedDeviceError (ixgbe's reason) else."""
-    try:
-        ixgbe.identify(dev.ids)
-        return ixgbe.IxgbePort
-    except UnsupportedDeviceError as first:
+    """The driver for a function, by its device ID: ixgbe (82599), else igb (82576).
+    UnsupportedDeviceError naming the device and both drivers' reasons (their supported
+    IDs) when neither takes it."""
+    reasons = []
+    for driver, port_class in (("ixgbe", ixgbe.IxgbePort), ("igb", igb.IgbPort)):
         try:
-            igb.identify(dev.ids)
-            return igb.IgbPort
-        except UnsupportedDeviceError:
-            raise first from None
+            port_class.identify(dev.ids)
+            return port_class
+        except UnsupportedDeviceError as exc:
+            reasons.append(f"{driver}: {exc}")
+    raise UnsupportedDeviceError(
+        f"{dev.address}: no ixyd driver for {dev.ids}. " + "; ".join(reasons)
+    )
 
 
 # ---------------------------------------------------------------------------- entry point

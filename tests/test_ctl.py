@@ -492,3 +492,10 @@ def test_human_durations_and_speeds():
     assert ctl.human_speed(10000) == "10 Gb/s"
     assert ctl.human_speed(2500) == "2.5 Gb/s"
     assert ctl.human_speed(100) == "100 Mb/s"
+
+
+def test_global_options_are_accepted_after_a_forwarding_mode():
+    from ixyd.ctl import build_parser
+
+    args = build_parser().parse_args(["set-forward", "demo.0", "reflect", "--swap-mac", "--json"])
+    assert args.json and args.swap_mac and args.mode == "reflect"

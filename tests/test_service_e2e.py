@@ -1,0 +1,591 @@
+"""End to end against a real `ixyd` process (issue 5, item 8): real kernel traffic through
+tap mode, bad input on the real control socket, an unauthorized peer, and a clean SIGTERM.
+
+Every test starts its own daemon (`python -m ixyd.service`) with its socket and state in a
+fresh world-searchable temporary directory, and steers it with `ixyd-ctl` or raw clients.
+Needs root (namespaces, TAP, clients forked as `nobody`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp  # noqa: F401  (ixyd-ctl's lazy imports, loaded before forking as nobody)
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ixyd import ctl
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+BIN = Path(sys.executable).parent
+NOBODY = 65534
+OPS_GID = 4242  # the control socket's group in the authorization test (nobody may join it)
+RATE = 2_000  # demo frames/s per direction: traffic that must keep flowing
+MAPPINGS_AT_EXIT = re.compile(r"model card (\S+): (\d+) DMA mappings at exit, (\d+) remain")
+
+# A daemon whose two model ports are joined by a cable instead of each facing the model's
+# traffic generator: the configuration has no cable option (the daemon always plugs a
+# generator into a model port), so this launcher swaps `attach_traffic` before `main()`.
+# Everything else (config loading, drivers, workers, tap mode, control socket) is the daemon's.
+CABLED_LAUNCHER = textwrap.dedent(
+    """
+    import sys
+    from ixyd import service
+    from ixyd.model import ModelNic
+
+    def cable(nic, port):
+        if port.index == 1:
+            nic.connect(nic.ports[0], port)
+        return None  # no generator on the wire
+
+    ModelNic.attach_traffic = cable
+    sys.exit(service.main(sys.argv[1:]))
+    """
+)
+
+CABLED_CONFIG = """\
+instance = "{instance}"
+state_dir = "{state_dir}"
+
+[[port]]
+address = "demo.0"
+backend = "model"
+forward = "drop"
+link_timeout = 0.2  # its cable peer is not initialised yet
+
+[[port]]
+address = "demo.1"
+backend = "model"
+forward = "drop"
+"""
+
+
+class Daemon:
+    """A real ixyd process; `ctl()` runs ixyd-ctl against it."""
+
+    def __init__(self, run_dir: str, argv: list[str], instance: str = "demo", launcher=None):
+        self.run_dir = run_dir
+        self.instance = instance
+        self.socket = Path(run_dir) / f"{instance}.sock"
+        self.env = {**os.environ, "IXYD_RUN_DIR": run_dir}
+        self.env.pop("JOURNAL_STREAM", None)
+        start = (
+            [sys.executable, "-c", launcher] if launcher else [sys.executable, "-m", "ixyd.service"]
+        )
+        self.proc = subprocess.Popen(
+            [*start, *argv, "--run-dir", run_dir, "--state-dir", run_dir],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.log = ""
+        deadline = time.monotonic() + 20
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"ixyd did not start: {self.proc.communicate()[0]}")
+            time.sleep(0.05)
+
+    def ctl(self, *args: str, check: bool = True, **run) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [str(BIN / "ixyd-ctl"), "-i", self.instance, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=15,
+            **run,
+        )
+        if check:
+            assert done.returncode == 0, (args, done.stderr)
+        return done
+
+    def json(self, *args: str) -> dict:
+        return json.loads(self.ctl("--json", *args).stdout)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return {p["name"]: p["counters"] for p in self.json("stats")["ports"]}
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        self.log = self.proc.communicate(timeout=timeout)[0]
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.log = self.proc.communicate()[0]
+
+
+@pytest.fixture
+def run_dir():
+    """Short (AF_UNIX paths are limited) and searchable by `nobody`."""
+    path = tempfile.mkdtemp(prefix="ixyd-e2e-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+@pytest.fixture
+def demo(run_dir, daemons) -> Daemon:
+    d = Daemon(run_dir, ["--demo", "--demo-rate", str(RATE), "--demo-frames", "0"])
+    daemons.append(d)
+    return d
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def assert_clean_exit(d: Daemon) -> None:
+    """SIGTERM: exit 0, the socket gone, every model DMA mapping released (the daemon's log)."""
+    assert d.terminate() == 0, d.log
+    assert not d.socket.exists(), "stale control socket left behind"
+    found = MAPPINGS_AT_EXIT.findall(d.log)
+    assert found, d.log
+    for card, held, left in found:  # the ports unmapped everything; nothing was left over
+        assert (int(held), int(left)) == (0, 0), (card, d.log)
+    assert "Traceback" not in d.log and " ERROR " not in d.log, d.log
+    assert f"instance {d.instance} stopped" in d.log
+
+
+# ---------------------------------------------------------------------------- raw clients
+class Client:
+    def __init__(self, path, timeout=5.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self):
+        """The next reply line as JSON, or None when the server closed the connection."""
+        while b"\n" not in self.buffer:
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                return None
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def call(self, method, params=None, request_id=1):
+        request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            request["params"] = params
+        self.send(json.dumps(request).encode() + b"\n")
+        return self.reply()
+
+    def closed_by_server(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def code(reply) -> int:
+    assert reply is not None and "error" in reply, reply
+    return reply["error"]["code"]
+
+
+# ---------------------------------------------------------------------------- 1. tap mode
+def run_in(netns: str, *argv: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, *argv], check=True, timeout=15)
+
+
+def python_in(netns: str, script: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", textwrap.dedent(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def namespaces():
+    names = [f"ixyde2e-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    made = []
+    try:
+        for name in names:
+            subprocess.run(["ip", "netns", "add", name], check=True)
+            made.append(name)
+            for scope in ("all", "default"):
+                run_in(name, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1")
+        yield names
+    finally:
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+PING = """
+    import os, socket, struct, sys, time
+
+    def checksum(data):
+        if len(data) % 2:
+            data += b"\\0"
+        s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        s = (s >> 16) + (s & 0xFFFF)
+        s += s >> 16
+        return ~s & 0xFFFF
+
+    target, count = sys.argv[1], int(sys.argv[2])
+    ident = os.getpid() & 0xFFFF
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock.settimeout(2.0)
+    answered = 0
+    for seq in range(count):
+        payload = b"ixyd-e2e-%04d" % seq
+        header = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+        header = struct.pack("!BBHHH", 8, 0, checksum(header + payload), ident, seq)
+        sock.sendto(header + payload, (target, 0))
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                packet, (source, _) = sock.recvfrom(2048)
+            except socket.timeout:
+                break
+            icmp = packet[(packet[0] & 0x0F) * 4 :]
+            kind, _, _, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
+            if kind == 0 and rid == ident and rseq == seq and source == target:
+                answered += icmp[8:] == payload
+                break
+    print(answered)
+"""
+
+TCP_SERVER = """
+    import hashlib, socket
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("{ip}", 5201))
+    server.listen(1)
+    server.settimeout(20)
+    print("ready", flush=True)
+    conn, _ = server.accept()
+    conn.settimeout(20)
+    digest, total = hashlib.sha256(), 0
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        digest.update(chunk)
+        total += len(chunk)
+    conn.sendall(digest.hexdigest().encode())  # and back the other way
+    conn.close()
+    print(total, digest.hexdigest())
+"""
+
+TCP_CLIENT = """
+    import hashlib, os, socket
+    data = os.urandom({size})
+    conn = socket.create_connection(("{ip}", 5201), timeout=20)
+    conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+    answer = b""
+    while True:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    print(len(data), hashlib.sha256(data).hexdigest(), answer.decode())
+"""
+
+
+def test_tap_mode_carries_ping_and_a_tcp_stream_between_namespaces(run_dir, daemons, namespaces):
+    """netns A ─ TAP A ═ ixyd (demo.0 in tap mode) ═ cable ═ (demo.1 in tap mode) ═ TAP B ─
+    netns B: ICMP echo and a 1 MiB TCP stream (its digest sent back) cross the daemon."""
+    ns_a, ns_b = namespaces
+    instance = f"tap{uuid.uuid4().hex[:6]}"
+    config = Path(run_dir) / "cabled.toml"
+    config.write_text(CABLED_CONFIG.format(instance=instance, state_dir=run_dir))
+    d = Daemon(run_dir, [instance, "--config", str(config)], instance, launcher=CABLED_LAUNCHER)
+    daemons.append(d)
+    assert all(p["link"]["up"] for p in d.json("ports")["ports"])
+
+    taps = {"demo.0": f"ixa{uuid.uuid4().hex[:8]}", "demo.1": f"ixb{uuid.uuid4().hex[:8]}"}
+    ips = {"demo.0": "10.215.0.1", "demo.1": "10.215.0.2"}
+    for (port, ifname), ns in zip(taps.items(), (ns_a, ns_b), strict=True):
+        # creating a TAP takes netlink round trips: allow for a loaded CI box
+        answer = d.json("--timeout", "30", "set-forward", port, "tap", ifname)
+        assert answer["forward"] == {"mode": "tap", "ifname": ifname}
+        # the daemon keeps the TAP's fd; the interface moves to its namespace
+        subprocess.run(["ip", "link", "set", ifname, "netns", ns], check=True)
+        run_in(ns, "ip", "addr", "add", f"{ips[port]}/24", "dev", ifname)
+        run_in(ns, "ip", "link", "set", ifname, "up")
+        run_in(ns, "ip", "link", "set", "lo", "up")
+    assert [p["forward"]["mode"] for p in d.json("get-forward")["ports"]] == ["tap", "tap"]
+
+    ping = python_in(ns_a, PING.replace("sys.argv[1], int(sys.argv[2])", f"'{ips['demo.1']}', 5"))
+    out, err = ping.communicate(timeout=30)
+    assert ping.returncode == 0, err
+    assert int(out) == 5, f"{out} of 5 echo requests answered"
+
+    size = 1 << 20
+    server = python_in(ns_b, TCP_SERVER.format(ip=ips["demo.1"]))
+    helpers = [server]
+    try:
+        assert server.stdout.readline().strip() == "ready", server.stderr.read()
+        client = python_in(ns_a, TCP_CLIENT.format(ip=ips["demo.1"], size=size))
+        helpers.append(client)
+        client_out, client_err = client.communicate(timeout=60)
+        server_out, server_err = server.communicate(timeout=60)
+    finally:
+        for helper in helpers:
+            if helper.poll() is None:
+                helper.kill()
+    assert client.returncode == 0, client_err
+    assert server.returncode == 0, server_err
+    sent, sent_digest, echoed_digest = client_out.split()
+    received, received_digest = server_out.split()
+    assert int(sent) == int(received) == size
+    assert sent_digest == received_digest == echoed_digest
+
+    counters = d.counters()
+    for port in ("demo.0", "demo.1"):
+        assert counters[port]["to_host"] > 0 and counters[port]["from_host"] > 0, counters
+    assert counters["demo.0"]["from_host"] > size // 1514  # the stream left through demo.0
+    assert counters["demo.1"]["to_host"] > size // 1514  # and reached netns B via demo.1
+
+    assert_clean_exit(d)
+    for ifname, ns in zip(taps.values(), (ns_a, ns_b), strict=True):
+        gone = subprocess.run(
+            ["ip", "netns", "exec", ns, "ip", "link", "show", ifname], capture_output=True
+        )
+        assert gone.returncode != 0, f"TAP {ifname} outlived the daemon"
+
+
+# ---------------------------------------------------------------------------- 2. bad input
+def traffic_moves(d: Daemon) -> None:
+    """The demo traffic keeps flowing: every port's RX and forwarded counters increase."""
+    before = d.counters()
+    time.sleep(0.5)
+    after = d.counters()
+    for port in before:
+        for name in ("rx_packets", "forwarded"):
+            assert after[port][name] > before[port][name], (port, name, before, after)
+
+
+def test_bad_input_gets_errors_and_the_daemon_and_its_traffic_carry_on(demo):
+    traffic_moves(demo)
+    clients = []
+    try:
+        idle = Client(demo.socket)  # connects and never sends anything
+        clients.append(idle)
+
+        c = Client(demo.socket)
+        clients.append(c)
+        c.send(b'{"jsonrpc": "2.0", "id": 1, "method": \n')
+        assert code(c.reply()) == -32700
+        c.send(b"\xff\xfe\x80 not utf-8 \xc3\x28\n")
+        assert code(c.reply()) == -32700
+        c.send(b"[]\n")
+        assert code(c.reply()) == -32600
+        c.send(b'{"jsonrpc": "2.0", "id": 2}\n')
+        assert code(c.reply()) == -32600
+        assert code(c.call("no_such_method")) == -32601
+        assert code(c.call("set_forward", {"port": 5, "mode": "drop"})) == -32602
+        assert code(c.call("set_forward", {"port": "demo.0", "mode": "teleport"})) == -32602
+        assert code(c.call("set_forward", {"port": "demo.0", "mode": "tap", "ifname": 7})) == -32602
+        assert code(c.call("set_promisc", {"port": "demo.0", "on": "yes"})) == -32602
+        assert code(c.call("stats", ["demo.0", "extra", "args"])) == -32602
+        assert code(c.call("stats", {"port": "demo.9"})) == -32004
+        assert "result" in c.call("status")  # the same connection still serves
+
+        huge = Client(demo.socket)
+        clients.append(huge)
+        try:
+            huge.send(b'{"jsonrpc": "2.0", "id": 1, "method": "status", "x": "' + b"A" * 300_000)
+            huge.send(b'"}\n')
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may hang up while we are still sending: that is a refusal too
+        reply = huge.reply()
+        assert reply is None or code(reply) == -32005, reply
+        assert huge.closed_by_server()
+
+        assert demo.json("status")["state"] == "running"
+        traffic_moves(demo)
+
+        # 70 at once: the server serves up to its limit and refuses the rest with BUSY
+        many = [Client(demo.socket) for _ in range(70)]
+        clients.extend(many)
+        for i, m in enumerate(many):
+            m.send(json.dumps({"jsonrpc": "2.0", "id": i, "method": "status"}).encode() + b"\n")
+        served = refused = 0
+        for m in many:
+            reply = m.reply()
+            if reply is not None and "result" in reply:
+                served += 1
+            else:
+                assert reply is None or code(reply) == -32003, reply
+                refused += 1
+        assert served + refused == 70
+        assert refused >= 1, "70 clients were all served; the limit is 64"
+        assert served >= 60, f"only {served} of 70 clients were served"
+        for m in many:
+            m.close()
+
+        # the idle client has not blocked anyone, and everything still works
+        assert demo.json("status")["state"] == "running"
+        assert demo.ctl("set-forward", "demo.0", "port", "demo.1").returncode == 0
+        traffic_moves(demo)
+    finally:
+        for client in clients:
+            client.close()
+    assert_clean_exit(demo)
+
+
+# ---------------------------------------------------------------------------- 3. authorization
+def as_nobody(action, groups=()):
+    """Run `action()` in a child forked as nobody (with supplementary `groups`); return what
+    it returned (JSON). Forked, not exec'd: the interpreter may live where nobody cannot go."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest, only sockets, ixyd-ctl's main and the pipe
+        code = 0
+        try:
+            os.close(read_end)
+            os.setgroups(list(groups))
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            payload = json.dumps({"value": action()})
+        except BaseException as exc:
+            payload, code = json.dumps({"exception": repr(exc)}), 1
+        os.write(write_end, payload.encode())
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    outcome = json.loads(data)
+    assert "exception" not in outcome, outcome["exception"]
+    return outcome["value"]
+
+
+def ctl_main(d: Daemon, *args: str):
+    """An action for as_nobody: ixyd-ctl's main() on the daemon's socket -> (code, out, err)."""
+
+    def action():
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = ctl.main(["--socket", str(d.socket), *args])
+            except SystemExit as exc:
+                code = exc.code
+        return [code, out.getvalue(), err.getvalue()]
+
+    return action
+
+
+def raw_call(d: Daemon, method: str, params: dict):
+    """An action for as_nobody: one JSON-RPC call on a raw connection -> the reply, or
+    "EACCES" when the socket's permissions refuse the connection."""
+
+    def action():
+        try:
+            client = Client(d.socket)
+        except PermissionError:
+            return "EACCES"
+        try:
+            return client.call(method, params, request_id=7)
+        finally:
+            client.close()
+
+    return action
+
+
+def test_unauthorized_peers_are_refused_and_group_members_may_only_read(run_dir, daemons):
+    # the run directory hands its group to the socket, as RuntimeDirectory + Group= would
+    os.chown(run_dir, 0, OPS_GID)
+    os.chmod(run_dir, 0o2755)
+    d = Daemon(run_dir, ["--demo", "--demo-rate", str(RATE), "--demo-frames", "0"])
+    daemons.append(d)
+    info = os.stat(d.socket)
+    assert info.st_gid == OPS_GID and info.st_mode & 0o777 == 0o660
+
+    member = [OPS_GID]
+    promisc = [p["promisc"] for p in d.json("ports")["ports"]]
+    # a member of the socket's group reads ...
+    code_, out, err = as_nobody(ctl_main(d, "--json", "status"), member)
+    assert code_ == 0, err
+    assert json.loads(out)["state"] == "running"
+    assert as_nobody(ctl_main(d, "stats"), member)[0] == 0
+    # ... but may change nothing: -32001 on the wire, exit code 4 from ixyd-ctl
+    code_, out, err = as_nobody(ctl_main(d, "set-forward", "demo.0", "drop"), member)
+    assert code_ == 4, (out, err)
+    assert "permission denied" in err, err
+    reply = as_nobody(raw_call(d, "set_forward", {"port": "demo.0", "mode": "drop"}), member)
+    assert reply["id"] == 7 and reply["error"]["code"] == -32001, reply
+    for method, params in (
+        ("shutdown", {}),
+        ("reset_stats", {}),
+        ("set_promisc", {"port": "demo.0", "on": True}),
+    ):
+        reply = as_nobody(raw_call(d, method, params), member)
+        assert reply["error"]["code"] == -32001, (method, reply)
+
+    # outside the group, nobody cannot even connect (socket mode 0660): exit code 4 too
+    assert as_nobody(raw_call(d, "status", {})) == "EACCES"
+    code_, out, err = as_nobody(ctl_main(d, "status"))
+    assert code_ == 4, (out, err)
+
+    # nothing changed, the daemon still runs, and root may change it
+    assert d.json("get-forward")["ports"][0]["forward"] == {"mode": "port", "to": "demo.1"}
+    assert [p["promisc"] for p in d.json("ports")["ports"]] == promisc
+    stats = d.json("stats")["ports"][0]["counters"]
+    assert stats["rx_packets"] > 0  # not reset by nobody's reset_stats
+    assert d.json("status")["state"] == "running"
+    d.ctl("set-forward", "demo.0", "drop")
+    assert d.json("get-forward")["ports"][0]["forward"] == {"mode": "drop"}
+    assert_clean_exit(d)
+
+
+# ---------------------------------------------------------------------------- 4. SIGTERM
+def test_sigterm_leaves_no_mapping_and_no_stale_socket(demo):
+    wait_until(lambda: all(c["forwarded"] > 0 for c in demo.counters().values()), what="traffic")
+    demo.ctl("set-forward", "demo.1", "generate", "--rate", "1000")  # a generator pool too
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert_clean_exit(demo)
+    assert time.monotonic() - started < 10
+    cards = MAPPINGS_AT_EXIT.findall(demo.log)
+    assert [card for card, _, _ in cards] == ["demo"], demo.log
+    # a second daemon binds the same path at once: nothing stale is in its way
+    again = Daemon(demo.run_dir, ["--demo", "--demo-rate", str(RATE), "--demo-frames", "0"])
+    try:
+        assert again.json("status")["state"] == "running"
+        assert_clean_exit(again)
+    finally:
+        again.kill()
