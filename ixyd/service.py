@@ -98,6 +98,9 @@ class Instance:
         self.reload_requested = threading.Event()
         self.table = ForwardingTable()
         self.ports: list[ServicePort] = []
+        # runtime changes come from the control thread (ixyd-ctl) and from SIGHUP reloads
+        # (main thread): one at a time
+        self._changes = threading.Lock()
         self.workers: list[Worker] = []
         self.store = StateStore(config.state_dir, config.instance)
         self.server: ControlServer | None = None
@@ -451,13 +454,17 @@ class Instance:
     def rpc_set_forward(self, port: str, mode: str, **args: Any) -> dict:
         p = self._find(port)
         forward = Forward.parse({"mode": mode, **args}, "set_forward")
+        with self._changes:
+            self._set_forward(p, forward)
+        return {"name": p.name, "forward": p.forward.to_json()}
+
+    def _set_forward(self, p: ServicePort, forward: Forward) -> None:
         self._check_target(p, forward)
         if forward.mode == "port":
             forward = dataclasses.replace(forward, to=self._find(forward.to).name)
         self._apply_forward(p, forward)
         log.info("%s: forwarding now %s", p.name, forward.to_json(), extra={"DEVICE": p.name})
         self._persist(p.name, forward=forward.to_json())
-        return {"name": p.name, "forward": forward.to_json()}
 
     def rpc_reset_stats(self, port: str | None = None) -> dict:
         selected = self._selected(port)
@@ -467,8 +474,9 @@ class Instance:
 
     def rpc_set_promisc(self, port: str, on: bool) -> dict:
         p = self._find(port)
-        p.driver.set_promisc(on)
-        self._persist(p.name, promisc=on)
+        with self._changes:
+            p.driver.set_promisc(on)
+            self._persist(p.name, promisc=on)
         return {"name": p.name, "promisc": p.driver.promisc}
 
     def rpc_shutdown(self) -> dict:
@@ -498,8 +506,9 @@ class Instance:
                     log.error("worker %s failed: %s", worker.name, worker.error)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the configuration. Port layout changes need a restart; runtime
-        state (forwarding, promisc) stays as ixyd-ctl left it."""
+        """SIGHUP: re-read the configuration and apply the forwarding and promisc settings
+        the file changed since it was loaded; what ixyd-ctl set for keys the file did not
+        change stays. Port layout changes need a restart."""
         if self.config_path is None and self.config.source is None:
             log.info("SIGHUP: built-in configuration, nothing to reload")
             return
@@ -510,15 +519,42 @@ class Instance:
             log.error("SIGHUP: keeping the running configuration: %s", exc)
             self.state = "running"
             return
-        if [dataclasses.replace(p, forward=Forward()) for p in new.ports] != [
-            dataclasses.replace(p, forward=Forward()) for p in self.config.ports
-        ]:
+
+        def layout(spec: PortSpec) -> PortSpec:
+            live = dataclasses.replace(spec.port, promisc=False)
+            return dataclasses.replace(spec, forward=Forward(), port=live)
+
+        if [layout(p) for p in new.ports] != [layout(p) for p in self.config.ports]:
             log.warning(
                 "SIGHUP: the ports changed in %s; restart the instance to apply that", new.source
             )
         else:
-            log.info("SIGHUP: configuration %s re-read; nothing to change live", new.source)
+            applied = self._apply_config_changes(self.config, new)
+            self.config = new
+            log.info(
+                "SIGHUP: configuration %s re-read; applied: %s",
+                new.source,
+                ", ".join(applied) or "nothing changed",
+            )
         self.state = "running"
+
+    def _apply_config_changes(self, old: InstanceConfig, new: InstanceConfig) -> list[str]:
+        """Apply the per-port settings that differ between two configurations of the same
+        port layout; a refused one is logged and skipped. Returns what was applied."""
+        applied = []
+        with self._changes:
+            for before, after, port in zip(old.ports, new.ports, self.ports, strict=True):
+                try:
+                    if after.forward != before.forward:
+                        self._set_forward(port, after.forward)
+                        applied.append(f"{port.name} forward {after.forward.to_json()}")
+                    if after.port.promisc != before.port.promisc:
+                        port.driver.set_promisc(after.port.promisc)
+                        self._persist(port.name, promisc=after.port.promisc)
+                        applied.append(f"{port.name} promisc {after.port.promisc}")
+                except (IxydError, RpcError) as exc:
+                    log.error("SIGHUP: %s: not applied: %s", port.name, exc)
+        return applied
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:

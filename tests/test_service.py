@@ -218,3 +218,75 @@ def test_bad_config_is_refused_with_the_key(tmp_path, text, words):
     for word in words:
         assert word in done.stderr
     assert not (tmp_path / "bad.sock").exists()
+
+
+LAB_CONFIG = """
+[[port]]
+address = "lab.0"
+rx_ring = 256
+tx_ring = 256
+pool_size = 512
+link_timeout = 0.05
+forward = {{ mode = "port", to = "lab.1" }}
+
+[[port]]
+address = "lab.1"
+rx_ring = 256
+tx_ring = 256
+pool_size = 512
+link_timeout = 0.05
+promisc = {promisc}
+forward = {forward}
+"""
+
+
+def test_sighup_applies_what_the_file_changed_and_keeps_other_runtime_changes(tmp_path):
+    path = tmp_path / "lab.toml"
+    path.write_text(LAB_CONFIG.format(promisc="true", forward='{ mode = "port", to = "lab.0" }'))
+    env = {**os.environ, "IXYD_RUN_DIR": str(tmp_path)}
+    env.pop("JOURNAL_STREAM", None)
+    args = ["--config", str(path), "--run-dir", str(tmp_path), "--state-dir", str(tmp_path)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ixyd.service", "lab", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def ctl(*a: str) -> dict:
+        done = subprocess.run(
+            [str(BIN / "ixyd-ctl"), "-i", "lab", "--json", *a],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "lab.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        ctl("set-forward", "lab.0", "reflect")  # a runtime change to a key the file keeps
+        # the file changes lab.1's forwarding and promiscuous mode, not lab.0's
+        path.write_text(LAB_CONFIG.format(promisc="false", forward='"drop"'))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            ports = {p["name"]: p for p in ctl("ports")["ports"]}
+            if ports["lab.1"]["forward"]["mode"] == "drop" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert ports["lab.1"]["forward"] == {"mode": "drop"}
+        assert ports["lab.1"]["promisc"] is False
+        assert ports["lab.0"]["forward"]["mode"] == "reflect"  # ixyd-ctl's change stays
+        saved = json.loads((tmp_path / "lab.json").read_text())["ports"]
+        assert saved["lab.1"]["forward"] == {"mode": "drop"} and saved["lab.1"]["promisc"] is False
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=10)[0]
+    assert proc.returncode == 0, out
+    assert "applied: lab.1 forward" in out
