@@ -46,7 +46,7 @@ from .drivers.port import IntelPort
 from .drivers.rings import Mempool, RxQueue
 from .errors import ConfigError, IxydError, UnsupportedDeviceError
 from .state import StateStore
-from .worker import ForwardingTable, Worker
+from .worker import QUEUE_STATS_FIELDS, ForwardingTable, Worker
 
 log = logging.getLogger("ixyd")
 
@@ -56,14 +56,9 @@ WORKER_STOP_TIMEOUT = 2.0  # seconds each worker gets to leave its loop
 GENERATOR_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: never mistaken for real traffic
 GENERATOR_SEQ_OFFSET = 14  # the sequence number right after the Ethernet header
 BROADCAST = b"\xff" * 6
-WORKER_COUNTERS = (  # per-RX-queue worker counters added to a port's `counters`
-    "dropped_by_mode",
-    "drop_tx_full",
-    "to_host",
-    "drop_exception_full",
-    "from_host",
-    "drop_from_host",
-)
+# per-RX-queue worker counters added to a port's `counters`: every drop and exception
+# counter of the worker; packets and bytes come from the driver, `sent` is `forwarded`
+WORKER_COUNTERS = tuple(f for f in QUEUE_STATS_FIELDS if f not in ("packets", "bytes", "sent"))
 EXIT_OK, EXIT_CONFIG, EXIT_DEVICE = 0, 2, 1
 
 
