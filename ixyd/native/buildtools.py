@@ -29,13 +29,19 @@ def build_in_place(ffibuilder, package_dir: str) -> str:
     raise SIGBUS there). Twins with another suffix (module.cpython-3xx-...so) are removed,
     because Python prefers them and a stale one would shadow every fresh build.
     """
-    build_dir = os.path.join(ROOT, "build", "cffi")
+    # one directory per build process: two in-place builds at once (two shells, a test
+    # run and an editor) must not compile over each other's objects
+    build_dir = os.path.join(ROOT, "build", "cffi", str(os.getpid()))
     os.makedirs(build_dir, exist_ok=True)
-    built = ffibuilder.compile(tmpdir=build_dir, verbose=False)
-    stem = os.path.basename(built).split(".")[0]
-    target = os.path.join(package_dir, stem + ".abi3.so")
-    shutil.copyfile(built, target + ".tmp")
-    os.replace(target + ".tmp", target)
+    try:
+        built = ffibuilder.compile(tmpdir=build_dir, verbose=False)
+        stem = os.path.basename(built).split(".")[0]
+        target = os.path.join(package_dir, stem + ".abi3.so")
+        staging = f"{target}.{os.getpid()}.tmp"
+        shutil.copyfile(built, staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(build_dir, ignore_errors=True)
     for twin in glob.glob(os.path.join(package_dir, stem + ".*.so")):
         if twin != target:
             os.remove(twin)
