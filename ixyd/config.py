@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .control import FORWARD_MODES, MAX_FRAME, MIN_FRAME
@@ -107,6 +107,43 @@ class Forward:
         return out
 
 
+WIRE_KINDS = ("traffic", "cable", "tap", "none")
+
+
+@dataclass(frozen=True)
+class ModelWire:
+    """What is plugged into a model port (docs: etc/ixyd/example.toml `wire`).
+
+    traffic: the model's generator/checker ([model_traffic]); cable: another model port
+    of the same card (`to`); tap: a kernel TAP interface (`ifname`) the model's wire reads
+    and writes, so kernel traffic enters the port as if from the wire; none: nothing, the
+    link stays down."""
+
+    kind: str = "traffic"
+    to: str | None = None  # cable
+    ifname: str | None = None  # tap
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> ModelWire:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        kind, _, arg = value.partition(":")
+        if kind in ("traffic", "none") and not arg:
+            return cls(kind)
+        if kind == "cable" and _MODEL_ADDRESS.fullmatch(arg):
+            return cls(kind, to=arg)
+        if kind == "tap" and 1 <= len(arg.encode()) <= MAX_IFNAME and "/" not in arg:
+            return cls(kind, ifname=arg)
+        raise ConfigError(
+            f'{where} must be "traffic", "none", "cable:<card>.<index>" or '
+            f'"tap:<interface name of 1..{MAX_IFNAME} bytes>", got {value!r}'
+        )
+
+    def to_text(self) -> str:
+        arg = self.to or self.ifname
+        return f"{self.kind}:{arg}" if arg else self.kind
+
+
 @dataclass(frozen=True)
 class PortSpec:
     """One port of the instance: where it is, how to bring it up, how to forward."""
@@ -117,6 +154,7 @@ class PortSpec:
     cpus: tuple[int, ...] = ()  # CPUs for this port's workers, one per RX queue, round-robin
     forward: Forward = field(default_factory=Forward)
     tx_queues: int | None = None  # None: one per worker of the instance
+    wire: ModelWire | None = None  # model ports only (None for vfio); settled by build()
 
     @property
     def model_nic(self) -> str:
@@ -258,6 +296,7 @@ _PORT_KEYS = {
     "cpus",
     "forward",
     "link_timeout",
+    "wire",
 }
 _TRAFFIC_KEYS = {"rate", "frames", "size", "flows"}
 
@@ -282,6 +321,7 @@ def build(data: dict[str, Any], source: str | None) -> InstanceConfig:
                 )
             if p.forward.to == p.address:
                 raise ConfigError(f"port[{i}].forward.to names the port itself; use mode reflect")
+    ports = _settle_wires(ports)
     workers = sum(p.port.rx_queues for p in ports)
     for i, p in enumerate(ports):
         if p.tx_queues is not None and p.tx_queues < workers:
@@ -358,7 +398,48 @@ def _port(data: Any, where: str) -> PortSpec:
     ):
         raise ConfigError(f"{where}.cpus must be a list of CPU numbers, got {cpus!r}")
     forward = Forward.parse(data.get("forward", "drop"), f"{where}.forward")
-    return PortSpec(address, backend, port, tuple(cpus), forward, tx_queues)
+    wire = None
+    if "wire" in data:
+        if backend != "model":
+            raise ConfigError(f"{where}.wire: only a model port has a wire to configure")
+        wire = ModelWire.parse(data["wire"], f"{where}.wire")
+    return PortSpec(address, backend, port, tuple(cpus), forward, tx_queues, wire)
+
+
+def _settle_wires(ports: list[PortSpec]) -> list[PortSpec]:
+    """Every model port's wire: as configured, or the far end of a cable the other port
+    declares, else the traffic generator. A cable joins two model ports of one card that
+    are both in this instance; its far end names it back or leaves `wire` out."""
+    by_address = {p.address: (i, p) for i, p in enumerate(ports)}
+    wires = {p.address: p.wire for p in ports if p.backend == "model"}
+    for i, p in enumerate(ports):
+        if p.wire is None or p.wire.kind != "cable":
+            continue
+        where = f"port[{i}].wire"
+        far = by_address.get(p.wire.to)
+        if far is None or far[1].backend != "model":
+            raise ConfigError(f"{where}: {p.wire.to!r} is not a model port of this instance")
+        j, peer = far
+        if peer is p:
+            raise ConfigError(f"{where}: a cable needs two ports, not {p.address} twice")
+        if peer.model_nic != p.model_nic:
+            raise ConfigError(
+                f"{where}: {p.address} and {peer.address} are on different model cards; "
+                "a cable joins two ports of one card"
+            )
+        if peer.wire is not None and peer.wire != ModelWire("cable", to=p.address):
+            raise ConfigError(
+                f"{where}: {peer.address} (port[{j}]) has wire {peer.wire.to_text()!r}; "
+                f"leave it out or make it 'cable:{p.address}'"
+            )
+        wires[peer.address] = ModelWire("cable", to=p.address)
+    taps = [w.ifname for w in wires.values() if w is not None and w.kind == "tap"]
+    if len(set(taps)) != len(taps):
+        raise ConfigError(f"port wire: a TAP interface is named twice ({', '.join(taps)})")
+    return [
+        p if p.backend != "model" else replace(p, wire=wires[p.address] or ModelWire())
+        for p in ports
+    ]
 
 
 def _traffic(data: Any) -> ModelTraffic:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -53,6 +54,7 @@ log = logging.getLogger("ixyd")
 NETLINK_TIMEOUT = 5.0  # seconds a TAP interface may take to be created or removed
 RATE_INTERVAL = 1.0  # seconds between rate samples (stats `rates`)
 WORKER_STOP_TIMEOUT = 2.0  # seconds each worker gets to leave its loop
+CHANGE_WAIT = 2.0  # seconds a control request waits for another change before BUSY
 GENERATOR_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: never mistaken for real traffic
 GENERATOR_SEQ_OFFSET = 14  # the sequence number right after the Ethernet header
 BROADCAST = b"\xff" * 6
@@ -102,6 +104,7 @@ class Instance:
         self._model_nics: dict[str, Any] = {}
         self._vfio_container = None
         self._bindings: list[Any] = []
+        self._wire_taps: list[Any] = []  # TAP interfaces plugged into model ports' wires
         self._last_sample: tuple[float, dict[str, dict[str, int]]] | None = None
 
     # ------------------------------------------------------------------ start
@@ -131,10 +134,10 @@ class Instance:
     def _open_ports(self) -> None:
         workers = self.config.worker_count
         devices = [self._open_device(spec) for spec in self.config.ports]
-        # a model port's link is up only with something on its wire: plug the traffic in
+        # a model port's link is up only with something on its wire: plug the wires in
         # before the driver waits for the link
         wires = {
-            spec.address: dev.nic.attach_traffic(dev)
+            spec.address: self._plug_wire(spec, dev)
             for spec, dev in zip(self.config.ports, devices, strict=True)
             if spec.backend == "model"
         }
@@ -151,6 +154,25 @@ class Instance:
             port = ServicePort(spec, driver, dev if spec.backend == "vfio" else None)
             port.traffic = wires.get(spec.address)
             self.ports.append(port)
+
+    def _plug_wire(self, spec: PortSpec, dev):
+        """Plug the configured wire into model port `dev`; the TrafficEndpoint for a
+        generator/checker, else None."""
+        wire = spec.wire
+        if wire.kind == "traffic":
+            return dev.nic.attach_traffic(dev)
+        if wire.kind == "cable":
+            if spec.model_index < int(wire.to.rsplit(".", 1)[1]):  # once per cable
+                peer = self._open_device(self.config.find_port(wire.to))
+                dev.nic.connect(dev, peer)
+        elif wire.kind == "tap":
+            from .tap import TapInterface
+
+            tap = TapInterface.create(wire.ifname)
+            self._wire_taps.append(tap)  # removed after the model card stops (stop())
+            dev.nic.attach_tap(dev, tap.fd)
+            log.info("%s: wire plugged into TAP interface %s", spec.address, wire.ifname)
+        return None
 
     def _open_device(self, spec: PortSpec):
         if spec.backend == "model":
@@ -329,15 +351,12 @@ class Instance:
         frame = (BROADCAST + port.driver.mac + GENERATOR_ETHERTYPE.to_bytes(2, "big")).ljust(
             forward.size, b"\0"
         )
-        pool = Mempool(port.driver.dev.dma, max(1024, 2 * txq.size))
-        generator = worker.generate(
-            txq,
-            frame,
-            pool=pool,
-            rate=forward.rate,
-            count=forward.count,
-            seq_offset=GENERATOR_SEQ_OFFSET,
-        )
+        settings = dict(rate=forward.rate, count=forward.count, seq_offset=GENERATOR_SEQ_OFFSET)
+        if port.generators:  # the pool of the last one: no new DMA memory per switch
+            generator = worker.restart_generator(txq, frame, **settings)
+        else:
+            pool = Mempool(port.driver.dev.dma, max(1024, 2 * txq.size))
+            generator = worker.generate(txq, frame, pool=pool, **settings)
         port.generators.append(generator)  # the worker keeps it (and its pool) until close
         port.generating = (worker, txq)
 
@@ -449,9 +468,23 @@ class Instance:
     def rpc_set_forward(self, port: str, mode: str, **args: Any) -> dict:
         p = self._find(port)
         forward = Forward.parse({"mode": mode, **args}, "set_forward")
-        with self._changes:
+        with self._change():
             self._set_forward(p, forward)
         return {"name": p.name, "forward": p.forward.to_json()}
+
+    @contextlib.contextmanager
+    def _change(self):
+        """One runtime change at a time; a control request that would wait long for
+        another one (a SIGHUP reload, a TAP being created) is answered BUSY instead of
+        stalling the control socket."""
+        if not self._changes.acquire(timeout=CHANGE_WAIT):
+            raise RpcError(
+                ErrorCode.BUSY, "another change to this instance is in progress; try again"
+            )
+        try:
+            yield
+        finally:
+            self._changes.release()
 
     def _set_forward(self, p: ServicePort, forward: Forward) -> None:
         self._check_target(p, forward)
@@ -469,7 +502,7 @@ class Instance:
 
     def rpc_set_promisc(self, port: str, on: bool) -> dict:
         p = self._find(port)
-        with self._changes:
+        with self._change():
             p.driver.set_promisc(on)
             self._persist(p.name, promisc=on)
         return {"name": p.name, "promisc": p.driver.promisc}
@@ -585,6 +618,9 @@ class Instance:
             left = nic.mapping_count  # the model's IOMMU, before the card is freed
             log.info("model card %s: %d DMA mappings at exit, %d remain", nic.name, held, left)
             _quietly(nic.close, f"closing model card {nic.name}")
+        for tap in self._wire_taps:  # the engine no longer reads or writes their fds
+            _quietly(tap.close, f"removing TAP interface {tap.name}")
+        self._wire_taps = []
         if self._vfio_container is not None:
             _quietly(self._vfio_container.close, "closing the VFIO container")
         if self.config.give_back:

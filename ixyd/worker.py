@@ -70,6 +70,7 @@ GENERATOR_STATS_FIELDS = ("sent", "bytes", "no_buffer")
 MIN_FRAME = 60  # an Ethernet frame without FCS
 SEQ_BYTES = 8  # generator sequence numbers: 64-bit little-endian
 MAX_RATE = 1_000_000_000  # frames per second; keeps the C token bucket within 64 bits
+GENERATOR_HANDOVER_TIMEOUT = 1.0  # seconds a running worker may take to finish a round
 DEFAULT_EXCEPTION_RING = 256
 
 # Which worker owns each RX queue, TX queue and pool (see the module docstring).
@@ -384,6 +385,7 @@ class Generator:
         count: int = 0,
         seq_offset: int | None = None,
         first_seq: int = 0,
+        template=None,
     ):
         if not MIN_FRAME <= len(frame) <= PKT_DATA_SIZE:
             raise ConfigError(
@@ -406,13 +408,17 @@ class Generator:
                 f"got {seq_offset!r}"
             )
         self.txq, self.pool = txq, pool
-        template = pool.alloc(1)  # before the worker sees the pool: this thread may allocate
-        if not template:
-            raise DmaError("the generator's pool has no free buffer for the template")
-        write_packet(template[0], frame)
+        self.retired_round: int | None = None  # the worker's round when it was stopped
+        self.handed_over = False  # its pool and template went to a successor
+        if template is None:  # before the worker sees the pool: this thread may allocate
+            allocated = pool.alloc(1)
+            if not allocated:
+                raise DmaError("the generator's pool has no free buffer for the template")
+            template = allocated[0]
+        write_packet(template, frame)
         self.pointer = ffi.new("struct ixyd_generator *")
         g = self.pointer
-        g.pool, g.frame, g.size = pool.pointer, template[0], len(frame)
+        g.pool, g.frame, g.size = pool.pointer, template, len(frame)
         g.rate, g.count, g.seq = rate, count, first_seq
         g.seq_offset = lib.IXYD_GEN_NO_SEQ if seq_offset is None else seq_offset
 
@@ -586,7 +592,32 @@ class Worker:
         generator = self._generators.pop(txq, None)
         if generator is not None:
             lib.ixyd_worker_set_generator(self.pointer, self._tx_index(txq), ffi.NULL)
+            generator.retired_round = self.pointer.stats.iterations
             self._retired.append(generator)
+
+    def restart_generator(self, txq: TxQueue, frame: bytes, **settings) -> Generator:
+        """Start a new generator on txq with the pool and template buffer of the last one
+        stopped there, so switching a port in and out of generating costs no new DMA
+        memory. settings as for `generate`. Raises ConfigError when txq never had a
+        generator, TimeoutError when a running worker does not finish its round."""
+        self.stop_generator(txq)  # a running one becomes the last stopped
+        old = next(
+            (g for g in reversed(self._retired) if g.txq is txq and not g.handed_over), None
+        )
+        if self.closed or old is None:
+            raise ConfigError(f"{_describe(txq)} has no stopped generator in {self.name!r}")
+        # the template is ours again once the worker began a round after the stop: the
+        # round that was running may still be copying from it
+        deadline = time.monotonic() + GENERATOR_HANDOVER_TIMEOUT
+        while self.running and self.pointer.stats.iterations < old.retired_round + 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {self.name!r} made no round for its generator")
+            time.sleep(0.0005)
+        generator = Generator(txq, old.pool, frame, template=old.pointer.frame, **settings)
+        old.handed_over = True
+        self._generators[txq] = generator
+        lib.ixyd_worker_set_generator(self.pointer, self._tx_index(txq), generator.pointer)
+        return generator
 
     # -- exception path
     def exception(self, rxq: RxQueue) -> ExceptionChannel:
@@ -623,8 +654,9 @@ class Worker:
             self.stop_generator(txq)
         for channel in self._channels.values():
             channel._drain()
-        free_packets([g.pointer.frame for g in self._retired])
-        for generator in self._retired:
+        kept = [g for g in self._retired if not g.handed_over]  # each pool and template once
+        free_packets([g.pointer.frame for g in kept])
+        for generator in kept:
             generator.pool.close()
         self._retired.clear()
         self._unregister()

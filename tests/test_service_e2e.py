@@ -37,26 +37,7 @@ OPS_GID = 4242  # the control socket's group in the authorization test (nobody m
 RATE = 2_000  # demo frames/s per direction: traffic that must keep flowing
 MAPPINGS_AT_EXIT = re.compile(r"model card (\S+): (\d+) DMA mappings at exit, (\d+) remain")
 
-# A daemon whose two model ports are joined by a cable instead of each facing the model's
-# traffic generator: the configuration has no cable option (the daemon always plugs a
-# generator into a model port), so this launcher swaps `attach_traffic` before `main()`.
-# Everything else (config loading, drivers, workers, tap mode, control socket) is the daemon's.
-CABLED_LAUNCHER = textwrap.dedent(
-    """
-    import sys
-    from ixyd import service
-    from ixyd.model import ModelNic
-
-    def cable(nic, port):
-        if port.index == 1:
-            nic.connect(nic.ports[0], port)
-        return None  # no generator on the wire
-
-    ModelNic.attach_traffic = cable
-    sys.exit(service.main(sys.argv[1:]))
-    """
-)
-
+# Two model ports joined by a cable (their wires face each other, no traffic generator).
 CABLED_CONFIG = """\
 instance = "{instance}"
 state_dir = "{state_dir}"
@@ -64,6 +45,7 @@ state_dir = "{state_dir}"
 [[port]]
 address = "demo.0"
 backend = "model"
+wire = "cable:demo.1"
 forward = "drop"
 link_timeout = 0.2  # its cable peer is not initialised yet
 
@@ -77,17 +59,15 @@ forward = "drop"
 class Daemon:
     """A real ixyd process; `ctl()` runs ixyd-ctl against it."""
 
-    def __init__(self, run_dir: str, argv: list[str], instance: str = "demo", launcher=None):
+    def __init__(self, run_dir: str, argv: list[str], instance: str = "demo"):
         self.run_dir = run_dir
         self.instance = instance
         self.socket = Path(run_dir) / f"{instance}.sock"
         self.env = {**os.environ, "IXYD_RUN_DIR": run_dir}
         self.env.pop("JOURNAL_STREAM", None)
-        start = (
-            [sys.executable, "-c", launcher] if launcher else [sys.executable, "-m", "ixyd.service"]
-        )
         self.proc = subprocess.Popen(
-            [*start, *argv, "--run-dir", run_dir, "--state-dir", run_dir],
+            [sys.executable, "-m", "ixyd.service", *argv]
+            + ["--run-dir", run_dir, "--state-dir", run_dir],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -331,7 +311,7 @@ def test_tap_mode_carries_ping_and_a_tcp_stream_between_namespaces(run_dir, daem
     instance = f"tap{uuid.uuid4().hex[:6]}"
     config = Path(run_dir) / "cabled.toml"
     config.write_text(CABLED_CONFIG.format(instance=instance, state_dir=run_dir))
-    d = Daemon(run_dir, [instance, "--config", str(config)], instance, launcher=CABLED_LAUNCHER)
+    d = Daemon(run_dir, [instance, "--config", str(config)], instance)
     daemons.append(d)
     assert all(p["link"]["up"] for p in d.json("ports")["ports"])
 
@@ -381,6 +361,60 @@ def test_tap_mode_carries_ping_and_a_tcp_stream_between_namespaces(run_dir, daem
 
     assert_clean_exit(d)
     for ifname, ns in zip(taps.values(), (ns_a, ns_b), strict=True):
+        gone = subprocess.run(
+            ["ip", "netns", "exec", ns, "ip", "link", "show", ifname], capture_output=True
+        )
+        assert gone.returncode != 0, f"TAP {ifname} outlived the daemon"
+
+
+TAP_WIRED_CONFIG = """\
+instance = "{instance}"
+state_dir = "{state_dir}"
+
+[[port]]
+address = "demo.0"
+wire = "tap:{tap_a}"
+forward = {{ mode = "port", to = "demo.1" }}
+
+[[port]]
+address = "demo.1"
+wire = "tap:{tap_b}"
+forward = {{ mode = "port", to = "demo.0" }}
+"""
+
+
+def test_model_ports_wired_to_kernel_taps_forward_between_namespaces(run_dir, daemons, namespaces):
+    """netns A ─ TAP A ═ wire of model port demo.0 ═ ixyd forwarding ═ demo.1 ═ TAP B ─
+    netns B: the model's wires themselves are TAP interfaces (`wire = "tap:..."`), so
+    kernel traffic enters and leaves the model NICs as if from a cable."""
+    ns_a, ns_b = namespaces
+    instance = f"tw{uuid.uuid4().hex[:6]}"
+    taps = [f"ixw{uuid.uuid4().hex[:8]}", f"ixw{uuid.uuid4().hex[:8]}"]
+    config = Path(run_dir) / "tapwired.toml"
+    config.write_text(
+        TAP_WIRED_CONFIG.format(
+            instance=instance, state_dir=run_dir, tap_a=taps[0], tap_b=taps[1]
+        )
+    )
+    d = Daemon(run_dir, [instance, "--config", str(config)], instance)
+    daemons.append(d)
+    ips = ["10.216.0.1", "10.216.0.2"]
+    for ifname, ns, ip in zip(taps, (ns_a, ns_b), ips, strict=True):
+        subprocess.run(["ip", "link", "set", ifname, "netns", ns], check=True)
+        run_in(ns, "ip", "addr", "add", f"{ip}/24", "dev", ifname)
+        run_in(ns, "ip", "link", "set", ifname, "up")
+    assert all(p["link"]["up"] for p in d.json("ports")["ports"])
+
+    ping = python_in(ns_a, PING.replace("sys.argv[1], int(sys.argv[2])", f"'{ips[1]}', 5"))
+    out, err = ping.communicate(timeout=30)
+    assert ping.returncode == 0, err
+    assert int(out) == 5, f"{out} of 5 echo requests answered"
+    counters = d.counters()
+    for port in ("demo.0", "demo.1"):  # requests one way, replies the other, by the driver
+        assert counters[port]["rx_packets"] >= 5 and counters[port]["forwarded"] >= 5, counters
+
+    assert_clean_exit(d)
+    for ifname, ns in zip(taps, (ns_a, ns_b), strict=True):
         gone = subprocess.run(
             ["ip", "netns", "exec", ns, "ip", "link", "show", ifname], capture_output=True
         )

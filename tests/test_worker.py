@@ -422,6 +422,41 @@ def test_generator_in_step_mode_stops_at_count_and_on_request(bed_factory):
         worker.generate(txq, bed.gen_a.frame(0, 0), pool=pool)  # still the first one's
 
 
+def test_restarted_generators_reuse_one_pool_and_lose_no_sequence(bed_factory):
+    """Switching a live worker's generator on and off many times takes no new DMA memory,
+    and every restart sends its own template: the checker sees one gapless sequence."""
+    bed = bed_factory("thread")
+    txq = bed.b.tx_queues[0]
+    worker = bed.worker([], [txq])
+    bed.gen_a.configure(size=60)
+    dma = bed.nic.ports[1].dma
+    worker.start()
+    first = worker.generate(
+        txq, bed.gen_a.frame(0, 0), pool=Mempool(dma, 256), count=300, seq_offset=SEQ_OFFSET
+    )
+    wait_until(lambda: first.done, what="the first generator's count")
+    mapped = bed.nic.mapping_count
+    sent, generators = 300, [first]
+    for _ in range(20):
+        worker.stop_generator(txq)
+        generator = worker.restart_generator(
+            txq, bed.gen_a.frame(0, sent), count=300, seq_offset=SEQ_OFFSET, first_seq=sent
+        )
+        assert generator.pool is first.pool and generator.pointer.frame == first.pointer.frame
+        wait_until(lambda g=generator: g.done, what="a restarted generator's count")
+        sent += 300
+        generators.append(generator)
+    assert bed.nic.mapping_count == mapped  # no new pool, no new mapping
+    wait_until(lambda: bed.gen_b.stats["received"] == sent, what="every frame at B's checker")
+    time.sleep(0.05)
+    s = bed.gen_b.stats
+    assert s["received"] == s["unique"] == sent and s["gaps"] == 0
+    assert_clean(bed.gen_b)
+    assert sum(g.stats["sent"] for g in generators) == sent
+    with pytest.raises(ConfigError, match="no stopped generator"):
+        worker.restart_generator(bed.a.tx_queues[0], bed.gen_a.frame(0, 0))
+
+
 # --------------------------------------------------------------------------- threads
 
 
