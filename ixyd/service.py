@@ -76,7 +76,9 @@ class ServicePort:
         self.workers: list[tuple[Worker, RxQueue, int]] = []  # (worker, its RX queue, index k)
         self.generating: tuple[Worker, Any] | None = None  # (worker, TX queue) of the generator
         self.generators: list[Any] = []  # every Generator started on this port, for counters
-        self.tap: tuple[Any, Any] | None = None  # (TapInterface, TapBridge) in mode tap
+        # mode tap: (TapInterface, [a TapBridge per RX queue]); the bridges share the TAP's
+        # fd (each read and write is one whole frame), each serves its worker's channel
+        self.tap: tuple[Any, list[Any]] | None = None
         self.baseline: dict[str, int] = {}
         self.rates: dict[str, float] | None = None
         self.traffic = None  # the model's TrafficEndpoint on this port's wire, demo only
@@ -318,20 +320,22 @@ class Instance:
             raise RpcError(ErrorCode.DEVICE_ERROR, "tap mode is not available in this build")
         from .tap import TapBridge, TapInterface
 
-        if len(port.workers) != 1:
-            raise ConfigError(f"{port.name}: tap mode needs a port with one RX queue")
         if port.tap is not None:  # another interface: one bridge per exception channel
             self._close_tap(port)
-        worker, rxq, _ = port.workers[0]
         tap = self._off_loop(lambda: TapInterface.create(forward.ifname, mac=port.driver.mac))
+        bridges = []
         try:
-            bridge = TapBridge(worker.exception(rxq), tap, name=f"ixyd-tap-{forward.ifname}")
-            bridge.start()
+            for worker, rxq, _ in port.workers:
+                name = f"ixyd-tap-{forward.ifname}.q{len(bridges)}"
+                bridges.append(TapBridge(worker.exception(rxq), tap, name=name))
+                bridges[-1].start()
         except BaseException:
+            for bridge in bridges:
+                _quietly(bridge.stop, f"stopping {bridge.name}")
             self._off_loop(tap.close)
             raise
-        log.info("%s: TAP interface %s bridged", port.name, forward.ifname)
-        return (tap, bridge)
+        log.info("%s: TAP interface %s bridged (%d queues)", port.name, tap.name, len(bridges))
+        return (tap, bridges)
 
     def _off_loop(self, action):
         """Run `action` on a helper thread and return its result: pyroute2 runs an asyncio
@@ -340,9 +344,10 @@ class Instance:
             return pool.submit(action).result(NETLINK_TIMEOUT)
 
     def _close_tap(self, port: ServicePort) -> None:
-        tap, bridge = port.tap
+        tap, bridges = port.tap
         port.tap = None
-        _quietly(bridge.stop, f"stopping the TAP bridge of {port.name}")
+        for bridge in bridges:
+            _quietly(bridge.stop, f"stopping the TAP bridge {bridge.name}")
         _quietly(lambda: self._off_loop(tap.close), f"removing TAP interface {tap.name}")
 
     def _start_generator(self, port: ServicePort, forward: Forward) -> None:
@@ -595,8 +600,9 @@ class Instance:
             if port.traffic is not None:
                 _quietly(port.traffic.stop, "stopping the model traffic")
         taps = [p.tap for p in self.ports if p.tap is not None]
-        for _, bridge in taps:  # while the workers run: they take the bridges' buffers back
-            _quietly(bridge.stop, f"stopping {bridge.name}")
+        for _, bridges in taps:  # while the workers run: they take the bridges' buffers back
+            for bridge in bridges:
+                _quietly(bridge.stop, f"stopping {bridge.name}")
         for worker in self.workers:
             try:
                 worker.stop(WORKER_STOP_TIMEOUT)

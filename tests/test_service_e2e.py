@@ -421,6 +421,91 @@ def test_model_ports_wired_to_kernel_taps_forward_between_namespaces(run_dir, da
         assert gone.returncode != 0, f"TAP {ifname} outlived the daemon"
 
 
+MULTIQUEUE_TAP_CONFIG = """\
+instance = "{instance}"
+state_dir = "{state_dir}"
+
+[[port]]
+address = "demo.0"
+wire = "tap:{wire_tap}"
+rx_queues = 2
+forward = {{ mode = "tap", ifname = "{exception_tap}" }}
+"""
+
+TCP_FLOWS_SERVER = """
+    import socket
+    server = socket.socket()
+    server.bind(("{ip}", 5202))
+    server.listen(8)
+    server.settimeout(20)
+    print("ready", flush=True)
+    for _ in range({flows}):
+        conn, _ = server.accept()
+        conn.settimeout(20)
+        total = 0
+        while chunk := conn.recv(65536):
+            total += len(chunk)
+        conn.sendall(str(total).encode())
+        conn.close()
+"""
+
+TCP_FLOWS_CLIENT = """
+    import socket
+    answers = []
+    for _ in range({flows}):  # each connection its own source port: its own RSS hash
+        conn = socket.create_connection(("{ip}", 5202), timeout=20)
+        conn.sendall(bytes(100_000))
+        conn.shutdown(socket.SHUT_WR)
+        answers.append(int(conn.recv(64)))
+        conn.close()
+    print(" ".join(map(str, answers)))
+"""
+
+
+def test_tap_mode_serves_every_rx_queue_of_a_port(run_dir, daemons, namespaces):
+    """netns A ─ TAP (the model port's wire) ═ demo.0 with 2 RX queues in tap mode ═ TAP ─
+    netns B: RSS spreads TCP connections over both queues; every one arrives whole, so
+    both queues' exception channels reach the kernel."""
+    ns_a, ns_b = namespaces
+    instance = f"mq{uuid.uuid4().hex[:6]}"
+    wire_tap, exception_tap = f"ixw{uuid.uuid4().hex[:8]}", f"ixe{uuid.uuid4().hex[:8]}"
+    config = Path(run_dir) / "multiqueue.toml"
+    config.write_text(
+        MULTIQUEUE_TAP_CONFIG.format(
+            instance=instance,
+            state_dir=run_dir,
+            wire_tap=wire_tap,
+            exception_tap=exception_tap,
+        )
+    )
+    d = Daemon(run_dir, [instance, "--config", str(config)], instance)
+    daemons.append(d)
+    ips = ["10.217.0.1", "10.217.0.2"]
+    for ifname, ns, ip in zip((wire_tap, exception_tap), (ns_a, ns_b), ips, strict=True):
+        subprocess.run(["ip", "link", "set", ifname, "netns", ns], check=True)
+        run_in(ns, "ip", "addr", "add", f"{ip}/24", "dev", ifname)
+        run_in(ns, "ip", "link", "set", ifname, "up")
+    flows = 8
+    server = python_in(ns_b, TCP_FLOWS_SERVER.format(ip=ips[1], flows=flows))
+    helpers = [server]
+    try:
+        assert server.stdout.readline().strip() == "ready", server.stderr.read()
+        client = python_in(ns_a, TCP_FLOWS_CLIENT.format(ip=ips[1], flows=flows))
+        helpers.append(client)
+        out, err = client.communicate(timeout=90)
+        server.communicate(timeout=30)
+    finally:
+        for helper in helpers:
+            if helper.poll() is None:
+                helper.kill()
+    assert client.returncode == 0, err
+    assert out.split() == ["100000"] * flows
+    counters = d.counters()["demo.0"]
+    assert counters["to_host"] > flows * 100_000 // 1514, counters
+    assert counters["from_host"] > 0, counters
+    assert_clean_exit(d)
+
+
 # ---------------------------------------------------------------------------- 2. bad input
 def traffic_moves(d: Daemon) -> None:
     """The demo traffic keeps flowing: every port's RX and forwarded counters increase."""
