@@ -12,6 +12,9 @@ Sections (docs/benchmarks.md explains each figure):
   c. forwarded packets/s, generator -> A -> C forwarder -> B -> checker (thread mode)
   d. the Python packet API (ixyd.packets) vs a pure-Python ixy.py-like loop on the same
      rings: receive, touch one byte, transmit (step mode, only the Python side timed)
+  e. packet capture: instructions per packet of the worker loop with and without a capture
+     armed (callgrind, step mode), and the worker's forwarding rate with a capture session
+     running vs not, in alternating windows (thread mode)
 
 Thread-mode figures share the machine's cores between the model's engine thread and the
 forwarder thread (two busy threads); they measure the model as much as the driver.
@@ -41,11 +44,13 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 
 from ixyd._datapath import ffi, lib  # noqa: E402
 
+from ixyd.capture import MAX_SNAPLEN, CaptureSession, CaptureSource  # noqa: E402
 from ixyd.drivers.config import PortConfig  # noqa: E402
 from ixyd.drivers.ixgbe import IxgbePort  # noqa: E402
 from ixyd.drivers.rings import PKT_HEADROOM, RxQueue, TxQueue  # noqa: E402
 from ixyd.model import ModelNic  # noqa: E402
 from ixyd.packets import allocate, receive, transmit  # noqa: E402
+from ixyd.worker import ForwardingTable, Worker  # noqa: E402
 
 FRAME_SIZE = 60  # a 64-byte frame on the wire, without its 4-byte FCS
 RING = 512  # descriptors per ring (ixy's default)
@@ -551,6 +556,214 @@ def bench_python(repeats: int, packets: int, burst: int = 256) -> list[Row]:
         nic.close()
 
 
+# --------------------------------------------------------------------------- e. capture
+
+CAPTURE_CALLGRIND_FUNCTION = "ixyd_worker_iterations"
+CAPTURE_BATCH = 32
+CAPTURE_FRAME_SIZES = (FRAME_SIZE, 1514)  # the smallest and the largest frame, no FCS
+CAPTURE_KEEP_UP_RATE = 200_000  # frames/s offered in the run the capture must keep up with
+
+
+def capture_worker(nic: ModelNic, A: IxgbePort, B: IxgbePort, cpu: int | None = None):
+    """A Worker forwarding A's RX queue to B's TX queue, and its capture source."""
+    table = ForwardingTable()
+    rxq = A.rx_queues[0]
+    worker = Worker(table, [rxq], [B.tx_queues[0]], batch=CAPTURE_BATCH, cpu=cpu)
+    table.set(rxq, "port", tx=B.tx_queues[0])
+    return worker, CaptureSource(worker, rxq)
+
+
+def capture_callgrind_child(armed: bool, size: int, packets: int, result_file: str) -> None:
+    """Under valgrind: the worker loop (ixyd_worker_iterations, one round per call) forwards
+    A -> B in step mode, 32 frames per round, with a capture armed or not. The ring is
+    drained between calls, outside the counted function."""
+    nic = new_nic("step")
+    generator, checker = nic.attach_traffic(nic.ports[0]), nic.attach_traffic(nic.ports[1])
+    A, B = open_ports(nic)
+    generator.configure(size=size, rate=0, burst=CAPTURE_BATCH)
+    generator.pair(checker)
+    generator.start()
+    worker, source = capture_worker(nic, A, B)
+    session = source.ring.begin(MAX_SNAPLEN)
+    if armed:
+        source.arm()
+    stats = ffi.new("struct ixyd_fwd_stats *")
+    for _ in range(2 * RING // CAPTURE_BATCH + 2):  # warm-up, not counted: rings wrapped
+        nic.step()
+        lib.ixyd_forward_iterations(A.rx_queues[0].pointer, B.tx_queues[0].pointer, 32, 1, stats)
+    before = worker.queue_stats(A.rx_queues[0])["sent"]
+    captured = 0
+    for _ in range(packets // CAPTURE_BATCH):
+        nic.step()
+        lib.ixyd_worker_iterations(worker.pointer, 1)
+        while got := source.ring.drain(session, 1 << 20)[1]:
+            captured += got
+    nic.step()
+    result = {
+        "packets": worker.queue_stats(A.rx_queues[0])["sent"] - before,
+        "captured": captured,
+        "ring": source.ring.stats,
+        "checker": checker.stats,
+    }
+    with open(result_file, "w") as f:
+        json.dump(result, f)
+    worker.close()
+    for port in (A, B):
+        port.shutdown()
+    nic.close()
+
+
+def capture_instructions(packets: int) -> list[Row]:
+    """Instructions per forwarded packet of the worker loop, capture off and armed."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
+        return [Row("e", "instructions/packet: skipped", 0, note="valgrind not found")]
+    python = os.path.realpath(sys.executable)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    rows, per_packet = [], {}
+    runs = [(size, armed) for size in CAPTURE_FRAME_SIZES for armed in (False, True)]
+    with tempfile.TemporaryDirectory(prefix="ixyd-callgrind-") as tmp:
+        for size, armed in runs:
+            out = os.path.join(tmp, f"cg.{size}.{armed}")
+            result = os.path.join(tmp, f"res.{size}.{armed}")
+            cmd = [
+                "valgrind",
+                "--tool=callgrind",
+                f"--toggle-collect={CAPTURE_CALLGRIND_FUNCTION}",
+                "--collect-atstart=no",
+                f"--callgrind-out-file={out}",
+                python,
+                os.path.abspath(__file__),
+                "--capture-child",
+                "armed" if armed else "off",
+                "--frame-size",
+                str(size),
+                "--packets",
+                str(packets),
+                "--result-file",
+                result,
+            ]
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if run.returncode:
+                raise RuntimeError(f"callgrind run (capture {armed}) failed:\n{run.stderr[-3000:]}")
+            with open(result) as f:
+                forwarded = json.load(f)
+            with open(out) as f:
+                total = next(
+                    int(line.split()[1]) for line in f if line.startswith(("totals:", "summary:"))
+                )
+            n = forwarded["packets"]
+            per_packet[size, armed] = total / n
+            note = f"batch {CAPTURE_BATCH}, {n} pkts"
+            if armed:
+                note += f", {forwarded['captured']} captured, ring {forwarded['ring']}"
+            if forwarded["checker"]["corrupt"] or (armed and forwarded["captured"] != n):
+                note += f" !! {forwarded}"
+            label = "capture armed" if armed else "no capture"
+            figure = f"worker loop instr/packet, {size} B, {label}"
+            rows.append(Row("e", figure, total / n, unit="instr", note=note))
+    for size in CAPTURE_FRAME_SIZES:
+        rows.append(
+            Row(
+                "e",
+                f"capture cost per copied {size}-byte frame",
+                per_packet[size, True] - per_packet[size, False],
+                unit="instr",
+                note="slot header + copy; one clock read per batch",
+            )
+        )
+    return rows
+
+
+def bench_capture(n_windows: int, seconds: float) -> list[Row]:
+    """Generator at full rate -> A -> Worker -> B -> checker (thread mode); windows with a
+    capture session running (its drain thread encodes pcap and discards it) alternate with
+    windows without one."""
+    nic = new_thread_nic()
+    worker = None
+    try:
+        generator, checker = nic.attach_traffic(nic.ports[0]), nic.attach_traffic(nic.ports[1])
+        A, B = open_ports(nic)
+        generator.configure(size=FRAME_SIZE, flows=16, rate=0, burst=64)
+        generator.pair(checker)
+        worker, source = capture_worker(nic, A, B, FORWARDER_CPU if PIN else None)
+        worker.start()
+        generator.start()
+        time.sleep(seconds)  # warm up
+
+        def sent() -> int:
+            return worker.queue_stats(A.rx_queues[0])["sent"]
+
+        off, on, ratios, copied, dropped = [], [], [], 0, 0
+        for _ in range(n_windows):
+            off.append(windows(sent, 1, seconds)[0])
+            session = CaptureSession([source], lambda event, params: True)
+            session.start()
+            on.append(windows(sent, 1, seconds)[0])
+            session.stop()
+            session.join(5)
+            copied += session.frames
+            dropped += session.dropped
+            if off[-1]:  # a window in which the worker never ran (a busy machine) has none
+                ratios.append(on[-1] / off[-1])
+        # a rate the capture keeps up with: every frame copied, none dropped
+        generator.stop()
+        generator.configure(size=FRAME_SIZE, flows=16, rate=CAPTURE_KEEP_UP_RATE, burst=64)
+        generator.start()
+        time.sleep(seconds / 2)
+        session = CaptureSession([source], lambda event, params: True)
+        received = worker.queue_stats(A.rx_queues[0])["packets"]
+        started = time.perf_counter()
+        session.start()
+        time.sleep(2 * seconds)
+        session.stop()
+        session.join(5)
+        kept_up = session.frames / (time.perf_counter() - started)
+        received = worker.queue_stats(A.rx_queues[0])["packets"] - received
+        generator.stop()
+        _wait_until_stable(lambda: checker.stats["received"])
+        got = checker.stats
+        rows = [
+            rate_row(
+                "e", "forwarded, no capture", off, 1e6, "Mpps", f"{n_windows} x {seconds:g} s"
+            ),
+            rate_row(
+                "e",
+                "forwarded, capture running",
+                on,
+                1e6,
+                "Mpps",
+                f"copies written {copied:,}, dropped (ring full) {dropped:,}",
+            ),
+            Row(
+                "e",
+                "ratio capture / no capture",
+                statistics.median(ratios or [0]),
+                min(ratios or [0]),
+                max(ratios or [0]),
+                "x",
+                f"alternating windows; checker: corrupt {got['corrupt']}, "
+                f"reordered {got['reordered']}, duplicates {got['duplicates']}",
+            ),
+            Row(
+                "e",
+                f"capture at {CAPTURE_KEEP_UP_RATE / 1e3:g} kframes/s offered",
+                kept_up / 1e3,
+                unit="kframes/s",
+                note=f"frames written per s over {2 * seconds:g} s: {session.frames:,} of "
+                f"{received:,} received; dropped (ring full) {session.dropped:,}",
+            ),
+        ]
+        worker.close()
+        worker = None
+        for port in (A, B):
+            port.shutdown()
+        return rows
+    finally:
+        if worker is not None:
+            worker.close()
+        nic.close()
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -635,16 +848,25 @@ def print_table(rows: list[Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer windows and packets")
-    parser.add_argument("--sections", default="abcd", help="which sections to run (default abcd)")
+    parser.add_argument(
+        "--sections", default="abcde", help="which sections to run (default abcde)"
+    )
     parser.add_argument(
         "--no-pin", action="store_true", help="leave thread placement to the scheduler"
     )
     parser.add_argument("--callgrind-child", type=int, metavar="BATCH", help=argparse.SUPPRESS)
+    parser.add_argument("--capture-child", choices=("off", "armed"), help=argparse.SUPPRESS)
+    parser.add_argument("--frame-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--packets", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.callgrind_child:
         callgrind_child(args.callgrind_child, args.packets, args.result_file)
+        return
+    if args.capture_child:
+        capture_callgrind_child(
+            args.capture_child == "armed", args.frame_size, args.packets, args.result_file
+        )
         return
     if args.no_pin:
         global PIN
@@ -669,6 +891,9 @@ def main() -> None:
         rows += bench_forward(n_windows, seconds)
     if "d" in args.sections:
         rows += bench_python(3 if args.quick else 7, 20_000 if args.quick else 100_000)
+    if "e" in args.sections:
+        rows += capture_instructions(1024 if args.quick else 4096)
+        rows += bench_capture(n_windows, seconds)
     print_table(rows)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n({time.monotonic() - started:.0f} s; load average now {load})")

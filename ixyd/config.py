@@ -11,6 +11,7 @@ is that single function on the vfio backend. `demo` is built in (`demo_config`).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -28,6 +29,11 @@ BACKENDS = ("vfio", "model")
 DEMO_INSTANCE = "demo"
 DEMO_TRAFFIC_RATE = 10_000  # frames/s per direction: visible, and lossless on a 2-CPU box
 MAX_IFNAME = 15  # IFNAMSIZ - 1
+# The Prometheus endpoint: outside the exhausted 9100-9999 block of the default-port list,
+# below the kernel's ephemeral range (32768-60999). One port per instance: docs/metrics.md.
+DEFAULT_METRICS_PORT = 19911
+DEFAULT_METRICS_ADDRESS = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
+METRICS_OFF = ("", "off")
 _INSTANCE_NAME = re.compile(r"[A-Za-z0-9_@:.-]+")  # as control.py: a plain file name
 _MODEL_ADDRESS = re.compile(r"(?P<nic>[A-Za-z0-9_-]+)\.(?P<index>[0-7])")  # `<nic>.<index>`
 _FORWARD_KEYS = {  # set_forward's parameters per mode (docs/control.md)
@@ -186,6 +192,7 @@ class InstanceConfig:
     state_dir: str = DEFAULT_STATE_DIR
     give_back: bool = True  # rebind VFIO devices to their kernel driver on exit
     force_bind: bool = False  # take a NIC even if its netdev is up with addresses
+    metrics: str | None = None  # host:port or "off"; None: DEFAULT_METRICS_ADDRESS
     traffic: ModelTraffic = field(default_factory=ModelTraffic)
     source: str | None = None
 
@@ -281,6 +288,7 @@ _TOP_KEYS = {
     "state_dir",
     "give_back",
     "force_bind",
+    "metrics",
     "port",
     "model_traffic",
 }
@@ -347,15 +355,41 @@ def build(data: dict[str, Any], source: str | None) -> InstanceConfig:
         flags[key] = data.get(key, default)
         if not isinstance(flags[key], bool):
             raise ConfigError(f"{key} must be true or false, got {flags[key]!r}")
+    metrics = data.get("metrics")
+    if metrics is not None:
+        parse_listen_address(metrics)
     return InstanceConfig(
         instance=instance,
         ports=tuple(ports),
         control_socket=socket_path,
         state_dir=state_dir,
+        metrics=metrics,
         traffic=_traffic(data.get("model_traffic", {})),
         source=source,
         **flags,
     )
+
+
+def parse_listen_address(text: Any, where: str = "metrics") -> tuple[str, int] | None:
+    """`host:port` (IPv6 as `[::1]:port`) as (host, port), port 0 meaning any free port;
+    None for "" or "off". Raises ConfigError naming `where` for anything else."""
+    if isinstance(text, str) and text.strip().lower() in METRICS_OFF:
+        return None
+    host, sep, port = text.rpartition(":") if isinstance(text, str) else ("", "", "")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        if ":" in host and not bracketed:  # "::1:5": which colon ends the address?
+            raise ValueError(host)
+        ipaddress.ip_address(host)
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ValueError(port)
+    except ValueError:
+        raise ConfigError(
+            f"{where} must be an IP address and a port, e.g. {DEFAULT_METRICS_ADDRESS!r} or "
+            f"'[::1]:{DEFAULT_METRICS_PORT}', or 'off'; got {text!r}"
+        ) from None
+    return host, int(port)
 
 
 def _port(data: Any, where: str) -> PortSpec:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
+from . import activation
 from .errors import ConfigError, IxydError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ RUN_DIR_ENV = "IXYD_RUN_DIR"  # overrides DEFAULT_RUN_DIR for the daemon and ixy
 RUN_DIR_MODE = 0o755  # like DirectoryMode=0755 in ixyd@.socket: anyone may find the socket
 SOCKET_MODE = 0o660  # like SocketMode=0660: the owner and the socket's group may connect
 ACTIVATION_FD_NAME = "control"  # FileDescriptorName= in ixyd@.socket
-SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at fd 3
 
 MAX_LINE = 64 * 1024  # bytes per request line, newline included
 MAX_CLIENTS = 64  # concurrent connections; more are refused with BUSY
@@ -55,6 +55,7 @@ STALE_PROBE_TIMEOUT = 1.0  # seconds to wait on connect() when probing an existi
 DISCARD_TIMEOUT = 1.0  # seconds to swallow the rest of an oversized request before closing
 DISCARD_LIMIT = 1024 * 1024  # bytes swallowed at most
 CLOSE_TIMEOUT = 2.0  # seconds close() waits for connections to finish
+STREAM_END_TIMEOUT = 5.0  # seconds a stream asked to stop may take to send its end
 
 ROOT_UID = 0
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}, socket(7)
@@ -78,7 +79,7 @@ class ErrorCode(enum.IntEnum):
 
 
 class ControlError(IxydError):
-    """The control socket could not be set up (path in use, not a socket, bad handed-over fd)."""
+    """The control socket could not be set up (path in use, not a socket, permissions)."""
 
 
 class RpcError(Exception):
@@ -91,6 +92,92 @@ class RpcError(Exception):
         self.code = int(code)
         self.message = message
         self.data = data
+
+
+class Stream:
+    """A result that goes on after its response: what a method registered with
+    streaming=True returns (`capture`).
+
+    The server sends `result` as the response, then, as JSON-RPC notifications
+    (`{"jsonrpc": "2.0", "method": ..., "params": ...}`), what the producer hands to
+    `send` from any thread, in order, until `end`; then it closes the connection. `send`
+    blocks while `max_pending` notifications are unsent (a slow reader holds the producer
+    back). The client sends nothing meanwhile: a line from it asks the producer to stop
+    (on_close runs; the stream still ends with the producer's `end`), its EOF, a write
+    that fails or takes longer than the idle timeout, or the server closing, end the stream
+    at once (on_close runs too). on_close runs on the server thread, once: it must not block.
+    """
+
+    def __init__(self, result: Any, *, on_close: Callable[[], None], max_pending: int = 16):
+        self.result = result
+        self._on_close = on_close
+        self._room = threading.Semaphore(max_pending)
+        self._lock = threading.Lock()
+        self._pending: list[dict] = []
+        self._ended = False
+        self._closed = threading.Event()
+        self._stopping = False
+        self._wake: Callable[[], None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether the stream was ended early (nobody takes notifications any more)."""
+        return self._closed.is_set()
+
+    def send(self, method: str, params: Any) -> bool:
+        """Queue notification `method` with `params`; False once the stream is closed."""
+        while not self._room.acquire(timeout=0.05):
+            if self._closed.is_set():
+                return False
+        if self._closed.is_set():
+            self._room.release()
+            return False
+        self._queue({"jsonrpc": "2.0", "method": method, "params": params})
+        return True
+
+    def end(self, method: str, params: Any) -> None:
+        """Queue the last notification; the server sends it and closes the connection."""
+        self._queue({"jsonrpc": "2.0", "method": method, "params": params}, last=True)
+
+    def _queue(self, message: dict, last: bool = False) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._pending.append(message)
+            self._ended = last
+            wake = self._wake
+        if wake is not None:
+            wake()
+
+    # -- the server's side (its thread)
+    def _attach(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._wake = wake
+
+    def _take(self) -> tuple[list[dict], bool]:
+        """The queued notifications, and whether the last one is among them."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            return pending, self._ended
+
+    def _sent(self, count: int) -> None:
+        for _ in range(count):
+            self._room.release()
+
+    def _stop(self) -> None:
+        """Ask the producer to stop: on_close, once."""
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            self._on_close()
+        except Exception:
+            log.exception("control: closing a stream failed")
+
+    def _close(self) -> None:
+        """Nobody reads any more: stop the producer and release it if it waits in send."""
+        self._closed.set()
+        self._stop()
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -243,79 +330,15 @@ def _group_name(gid: int) -> str:
 
 
 # ---------------------------------------------------------------------------- socket activation
-def listen_fds_with_names() -> dict[int, str]:
-    """The sockets systemd handed over, as {fd: name}; {} when not socket-activated.
-
-    Uses systemd-python when installed, else reads LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES.
-    The environment is left alone so that a second consumer (the metrics server, fd name
-    `metrics`) finds its socket too; LISTEN_PID keeps child processes from taking them.
-    Raises ControlError if the names do not match the fds.
-    """
-    try:
-        from systemd import daemon
-    except ImportError:
-        return _listen_fds_from_environment(os.environ, os.getpid())
-    try:
-        return daemon.listen_fds_with_names(unset_environment=False)
-    except OSError as exc:
-        raise ControlError(
-            f"systemd handed over sockets whose names cannot be read ({exc}; "
-            f"LISTEN_FDNAMES={os.environ.get('LISTEN_FDNAMES')!r}): set "
-            f"FileDescriptorName={ACTIVATION_FD_NAME} in the socket unit (names may not "
-            "contain ':')"
-        ) from None
-
-
-def _listen_fds_from_environment(environ: Mapping[str, str], pid: int) -> dict[int, str]:
-    """sd_listen_fds_with_names(3) without libsystemd."""
-    if environ.get("LISTEN_PID") != str(pid):
-        return {}
-    try:
-        count = int(environ.get("LISTEN_FDS", ""))
-    except ValueError:
-        return {}
-    names = environ["LISTEN_FDNAMES"].split(":") if environ.get("LISTEN_FDNAMES") else []
-    if not names:
-        names = ["unknown"] * count  # what sd_listen_fds_with_names reports
-    if len(names) != count:
-        raise ControlError(
-            f"LISTEN_FDS={count} but LISTEN_FDNAMES has {len(names)} names "
-            f"({environ['LISTEN_FDNAMES']!r}): set FileDescriptorName={ACTIVATION_FD_NAME} "
-            "in the socket unit (names may not contain ':')"
-        )
-    fds = {}
-    for i, name in enumerate(names):
-        fd = SD_LISTEN_FDS_START + i
-        try:
-            os.set_inheritable(fd, False)  # sd_listen_fds sets FD_CLOEXEC too
-        except OSError:
-            raise ControlError(f"LISTEN_FDS={count} but fd {fd} is not open") from None
-        fds[fd] = name
-    return fds
-
-
 def activated_socket(name: str = ACTIVATION_FD_NAME) -> socket.socket | None:
-    """The listening socket systemd handed over under `name`, or None. Raises ControlError
-    if that fd is not a listening Unix stream socket."""
-    for fd, fd_name in listen_fds_with_names().items():
-        if fd_name != name:
-            continue
-        sock = socket.socket(fileno=fd)
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            kind = f"{sock.family.name}/{sock.type.name}"
-            sock.detach()
-            raise ControlError(
-                f"the socket systemd handed over as '{name}' (fd {fd}) is {kind}, not a Unix "
-                "stream socket: use ListenStream=/run/ixyd/%i.sock in the socket unit"
-            )
-        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            sock.detach()
-            raise ControlError(
-                f"the socket systemd handed over as '{name}' (fd {fd}) is not listening: "
-                "keep Accept=no in the socket unit"
-            )
-        return sock
-    return None
+    """The listening socket systemd handed over under `name`, or None. Raises
+    ActivationError (an IxydError) if that fd is not a listening Unix stream socket."""
+    return activation.activated_socket(
+        name,
+        (socket.AF_UNIX,),
+        "a Unix stream socket",
+        "use ListenStream=/run/ixyd/%i.sock in the socket unit",
+    )
 
 
 def socket_path(instance: str, run_dir: str | None = None) -> str:
@@ -339,6 +362,7 @@ class _Method:
     handler: Callable[..., Any]
     params_schema: dict[str, Param]
     mutating: bool
+    streaming: bool = False
 
 
 def _error(request_id: Any, code: int, message: str, data: Any = None) -> dict:
@@ -447,13 +471,16 @@ class ControlServer:
         *,
         params_schema: Mapping[str, Param],
         mutating: bool,
+        streaming: bool = False,
     ) -> None:
         """Serve method `name`: `handler(**params)` is called on the server thread with the
         validated parameters (absent optional ones are left out) and returns the JSON
         result. It may raise RpcError for a specific error; ConfigError becomes
         INVALID_PARAMS, other IxydErrors DEVICE_ERROR, anything else INTERNAL_ERROR
         (logged with its traceback). `mutating` methods change the daemon and are for
-        root and the daemon's own uid only. Raises ValueError for a reserved or taken name.
+        root and the daemon's own uid only. A `streaming` method returns a `Stream`; it
+        cannot be called in a batch or as a notification (-32600). Raises ValueError for a
+        reserved or taken name.
         """
         if not isinstance(name, str) or not name or name.startswith("rpc."):
             raise ValueError(f"method name {name!r} is empty or reserved (rpc.*)")
@@ -464,12 +491,23 @@ class ControlServer:
         for param, spec in params_schema.items():
             if not isinstance(spec, Param):
                 raise TypeError(f"'{name}' parameter '{param}': give a Param, not {spec!r}")
-        self._methods[name] = _Method(name, handler, dict(params_schema), bool(mutating))
+        self._methods[name] = _Method(
+            name, handler, dict(params_schema), bool(mutating), bool(streaming)
+        )
 
     # ------------------------------------------------------------------ answering
     def answer(self, line: bytes, peer: Peer) -> bytes | None:
         """The response line (newline included) to one request line from `peer`, or None
-        when nothing is to be sent (notifications, blank lines). Never raises."""
+        when nothing is to be sent (notifications, blank lines). Never raises. A streaming
+        method's stream is closed at once: there is no connection to stream on."""
+        streams: list[Stream] = []
+        reply = self._respond(line, peer, streams)
+        for stream in streams:
+            stream._close()
+        return reply
+
+    def _respond(self, line: bytes, peer: Peer, streams: list[Stream]) -> bytes | None:
+        """answer(); a streaming method's Stream is appended to `streams`."""
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -495,10 +533,14 @@ class ControlServer:
                 return _encode(_error(None, ErrorCode.INVALID_REQUEST, "the batch is empty"))
             replies = [r for r in (self._answer_one(m, peer) for m in message) if r is not None]
             return _encode(replies) if replies else None
-        reply = self._answer_one(message, peer)
+        reply = self._answer_one(message, peer, streams)
         return _encode(reply) if reply is not None else None
 
-    def _answer_one(self, request: Any, peer: Peer) -> dict | None:
+    def _answer_one(
+        self, request: Any, peer: Peer, streams: list[Stream] | None = None
+    ) -> dict | None:
+        """The response to one request; streams: where a streaming method's Stream goes
+        (None: in a batch, where streaming methods are refused)."""
         if not isinstance(request, dict):
             return _error(None, ErrorCode.INVALID_REQUEST, "a request must be a JSON object")
         request_id = request.get("id")
@@ -518,7 +560,7 @@ class ControlServer:
             )
         notification = "id" not in request
         try:
-            result = self._call(method, params, peer)
+            result = self._call(method, params, peer, None if notification else streams)
         except RpcError as exc:
             if notification:
                 log.info("control: notification '%s' from %s failed: %s", method, peer, exc)
@@ -534,7 +576,9 @@ class ControlServer:
             return None
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
-    def _call(self, name: str, params: dict | list, peer: Peer) -> Any:
+    def _call(
+        self, name: str, params: dict | list, peer: Peer, streams: list[Stream] | None = None
+    ) -> Any:
         method = self._methods.get(name)
         if method is None:
             raise RpcError(
@@ -542,6 +586,12 @@ class ControlServer:
                 f"no method '{name}' (methods: {', '.join(sorted(self._methods))})",
             )
         self._authorize(method, peer)
+        if method.streaming and streams is None:
+            raise RpcError(
+                ErrorCode.INVALID_REQUEST,
+                f"'{name}' streams its result: send it alone with an id, not in a batch "
+                "or as a notification",
+            )
         if isinstance(params, list):
             if params:
                 raise RpcError(
@@ -566,14 +616,23 @@ class ControlServer:
                 ErrorCode.INTERNAL_ERROR,
                 f"internal error in '{name}'; the ixyd log has the details",
             ) from None
+        stream = result if isinstance(result, Stream) else None
+        if stream is not None:
+            result = stream.result
         try:
+            if method.streaming != (stream is not None):
+                raise TypeError("a streaming method returns a Stream, no other method does")
             json.dumps(result, allow_nan=False)
         except (TypeError, ValueError) as exc:
+            if stream is not None:
+                stream._close()
             log.error("control: method '%s' returned a result that is not JSON: %s", name, exc)
             raise RpcError(
                 ErrorCode.INTERNAL_ERROR,
                 f"internal error in '{name}'; the ixyd log has the details",
             ) from None
+        if stream is not None:
+            streams.append(stream)
         return result
 
     def _authorize(self, method: _Method, peer: Peer) -> None:
@@ -853,20 +912,87 @@ class ControlServer:
                 return
             if not line:
                 return
-            reply = self.answer(line, peer)
-            if reply is not None:
-                writer.write(reply)
-                try:
-                    async with asyncio.timeout(self.idle_timeout):
-                        await writer.drain()
-                except TimeoutError:
-                    log.info("control: closing the connection of %s: it reads no replies", peer)
-                    writer.transport.abort()  # its unread replies would never drain
+            streams: list[Stream] = []
+            reply = self._respond(line, peer, streams)
+            try:
+                if reply is not None:
+                    writer.write(reply)
+                    try:
+                        async with asyncio.timeout(self.idle_timeout):
+                            await writer.drain()
+                    except TimeoutError:
+                        log.info("control: closing the connection of %s: it reads no replies", peer)
+                        writer.transport.abort()  # its unread replies would never drain
+                        return
+                    except OSError:
+                        return
+                if streams:  # the stream is the rest of this connection
+                    await self._stream(streams[0], reader, writer, peer)
                     return
-                except OSError:
-                    return
+            finally:
+                for stream in streams:
+                    stream._close()
             if not line.endswith(b"\n"):  # the peer shut down its side mid-line
                 return
+
+    async def _stream(
+        self, stream: Stream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer
+    ) -> None:
+        """Send a Stream's notifications until its end; see Stream for what ends it early."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def wake_up() -> None:  # from the producer's thread
+            with contextlib.suppress(RuntimeError):  # the loop has ended
+                loop.call_soon_threadsafe(wake.set)
+
+        stream._attach(wake_up)
+        listener: asyncio.Future | None = asyncio.ensure_future(reader.read(1))
+        waiter: asyncio.Future | None = None
+        try:
+            while True:
+                wake.clear()
+                messages, last = stream._take()
+                if messages:
+                    writer.write(b"".join(_encode(m) for m in messages))
+                    try:
+                        async with asyncio.timeout(self.idle_timeout):
+                            await writer.drain()
+                    except TimeoutError:
+                        log.info("control: closing the stream to %s: it reads nothing", peer)
+                        writer.transport.abort()
+                        return
+                    except OSError:
+                        return
+                    stream._sent(len(messages))
+                if last:
+                    return
+                if listener is None:  # asked to stop: the producer's end comes soon
+                    async with asyncio.timeout(STREAM_END_TIMEOUT):
+                        await wake.wait()
+                    continue
+                waiter = asyncio.ensure_future(wake.wait())
+                done, _ = await asyncio.wait(
+                    {listener, waiter}, return_when=asyncio.FIRST_COMPLETED
+                )
+                waiter.cancel()
+                waiter = None
+                if listener in done:
+                    try:
+                        data = listener.result()
+                    except (OSError, ValueError):
+                        data = b""
+                    listener = None
+                    if not data:  # EOF: the client is gone
+                        return
+                    log.info("control: %s asked to stop its stream", peer)
+                    stream._stop()
+        except TimeoutError:
+            log.warning("control: a stream to %s did not end within %g s", peer, STREAM_END_TIMEOUT)
+        finally:  # also when the server closes and cancels this connection
+            for pending in (listener, waiter):
+                if pending is not None:
+                    pending.cancel()
 
     async def _refuse_oversized(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -913,14 +1039,18 @@ MIN_FRAME = 60  # bytes without the FCS: the Ethernet minimum of 64 on the wire
 MAX_FRAME = 1514  # bytes without the FCS: no jumbo frames in the data path
 
 _PORT_FILTER = {"port": Param(str, required=False)}
+CAPTURE_MIN_SNAPLEN = 14  # an Ethernet header
+CAPTURE_MAX_SNAPLEN = 2048  # a capture slot holds a whole receive buffer (IXYD_CAPTURE_DATA)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """The parameters and the mutating flag of one method of ixyd's control API."""
+    """The parameters and the mutating flag of one method of ixyd's control API;
+    streaming methods answer with a Stream (register(..., streaming=True))."""
 
     params: dict[str, Param]
     mutating: bool
+    streaming: bool = False
 
 
 #: ixyd's control API (docs/control.md): what `ixyd-ctl` sends. The service registers
@@ -949,4 +1079,23 @@ IXYD_METHODS: dict[str, MethodSpec] = {
     "reset_stats": MethodSpec(_PORT_FILTER, mutating=True),
     "set_promisc": MethodSpec({"port": Param(str), "on": Param(bool)}, mutating=True),
     "shutdown": MethodSpec({}, mutating=True),
+    # mutating: it hands out the traffic's content, which group members may not read
+    "capture": MethodSpec(
+        {
+            "port": Param(str),
+            "count": Param(int, required=False, minimum=0),
+            "duration": Param(float, required=False, minimum=0),
+            "snaplen": Param(
+                int, required=False, minimum=CAPTURE_MIN_SNAPLEN, maximum=CAPTURE_MAX_SNAPLEN
+            ),
+        },
+        mutating=True,
+        streaming=True,
+    ),
+    # A test aid, not for production: make a worker hang (`stall`: its loop spins without
+    # polling), so that the systemd watchdog kills and restarts the instance.
+    "inject_fault": MethodSpec(
+        {"fault": Param(str, choices=("stall",)), "worker": Param(int, minimum=0)},
+        mutating=True,
+    ),
 }

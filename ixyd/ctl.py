@@ -11,11 +11,13 @@ reached, 4 permission denied, 5 no answer within the timeout.
 from __future__ import annotations
 
 import argparse
+import base64
 import glob
 import grp
 import json
 import os
 import pwd
+import signal
 import socket
 import stat
 import sys
@@ -145,6 +147,43 @@ class ControlClient:
         if "result" not in reply:
             raise CtlError(f"{self.who} sent an answer without a result: {reply!r}", EXIT_ERROR)
         return reply["result"]
+
+    def receive(self, timeout: float) -> Any | None:
+        """The next message the daemon sends after a streaming method's result; None once
+        it has closed the connection. CtlError EXIT_TIMEOUT after `timeout` s of silence."""
+        assert self._sock is not None
+        try:
+            if b"\n" not in self._buffer:
+                self._sock.settimeout(timeout)
+                while b"\n" not in self._buffer:
+                    chunk = self._sock.recv(65536)
+                    if not chunk:
+                        return None
+                    self._buffer += chunk
+                    if len(self._buffer) > MAX_REPLY:
+                        raise CtlError(f"{self.who} sent a line over {MAX_REPLY} bytes", EXIT_ERROR)
+        except TimeoutError:
+            raise CtlError(f"{self.who} sent nothing for {timeout:g} s", EXIT_TIMEOUT) from None
+        except OSError as exc:
+            raise CtlError(
+                f"{self.who} closed the connection: {exc.strerror or exc}", EXIT_ERROR
+            ) from None
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            return json.loads(line)
+        except ValueError as exc:
+            raise CtlError(
+                f"{self.who} sent something that is not JSON: {exc}", EXIT_ERROR
+            ) from None
+
+    def send_line(self, data: bytes = b"\n") -> None:
+        """Send raw bytes (a streaming method's stop request); errors are ignored: a
+        daemon that is gone has stopped anyway."""
+        if self._sock is not None:
+            try:
+                self._sock.sendall(data)
+            except OSError:
+                pass
 
     def _read_reply(self, deadline: float) -> Any:
         assert self._sock is not None
@@ -452,6 +491,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], dict], Renderer]] 
     ),
     "shutdown": ("shutdown", lambda a: {}, lambda r, a: f"{a.who} is shutting down"),
     "call": ("", _raw_params, lambda r, a: json.dumps(r, indent=2)),
+    "debug": (
+        "inject_fault",
+        lambda a: {"fault": "stall", "worker": a.worker},
+        lambda r, a: f"worker {r.get('worker', a.worker)} stalled (fault injection)",
+    ),
 }
 
 
@@ -536,10 +580,111 @@ def build_parser() -> argparse.ArgumentParser:
     set_promisc.add_argument("port", metavar="PORT", help="a port's name or PCI address")
     set_promisc.add_argument("state", choices=("on", "off"))
     command("shutdown", "stop the instance (workers, device, socket)")
+    capture = command(
+        "capture", "write the frames a port receives to a pcap file (tshark, tcpdump read it)"
+    )
+    capture.add_argument("port", metavar="PORT", help="a port's name or PCI address")
+    capture.add_argument(
+        "-w", "--write", required=True, metavar="FILE", help="the pcap file; - for stdout"
+    )
+    capture.add_argument(
+        "-c", "--count", type=parse_count, metavar="N", help="stop after N frames"
+    )
+    capture.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    capture.add_argument(
+        "-s", "--snaplen", type=int, metavar="BYTES", help="bytes kept per frame (14..2048)"
+    )
     call = command("call", "call any method; prints its JSON result")
     call.add_argument("method", metavar="METHOD")
     call.add_argument("params", nargs="?", type=_json_object, default={}, metavar="JSON-PARAMS")
+    debug = command(
+        "debug",
+        "test aids, not for production: `stall-worker` makes a worker hang (its loop spins "
+        "without polling), so that the systemd watchdog restarts the instance",
+    )
+    debug.add_argument("fault", choices=("stall-worker",))
+    debug.add_argument("--worker", type=int, default=0, metavar="N", help="worker number (0)")
     return parser
+
+
+# ---------------------------------------------------------------------------- capture
+CAPTURE_SILENCE = 10.0  # seconds without a message (the daemon sends progress every 1 s)
+_CAPTURE_ENDS = {"count": "count reached", "duration": "duration over", "stopped": "stopped"}
+
+
+def run_capture(args: argparse.Namespace, client: ControlClient) -> int:
+    """`ixyd-ctl capture`: the daemon streams pcap bytes, we write them to args.write (-:
+    stdout). The first Ctrl-C asks the daemon to stop (the file gets every frame captured
+    until then), a second one leaves at once. Raises CtlError / RemoteError."""
+    params: dict[str, Any] = {"port": args.port}
+    for name in ("count", "duration", "snaplen"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    to_stdout = args.write == "-"
+    if to_stdout and sys.stdout.isatty():
+        raise CtlError("not writing a pcap file to a terminal: use -w FILE or a pipe", EXIT_USAGE)
+    interrupted = []
+
+    def on_sigint(signum, frame) -> None:
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        # read after the request (even before its answer): the daemon stops, sends what
+        # it has captured and its end
+        client.send_line()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    frames, end, out, result = 0, None, None, None
+    try:
+        result = client.call("capture", params)
+        try:
+            out = sys.stdout.buffer if to_stdout else open(args.write, "wb")  # noqa: SIM115
+        except OSError as exc:
+            raise CtlError(
+                f"cannot write {args.write}: {exc.strerror or exc}", EXIT_ERROR
+            ) from None
+        while True:
+            message = client.receive(max(client.timeout, CAPTURE_SILENCE))
+            if message is None:
+                break
+            method = message.get("method") if isinstance(message, dict) else None
+            body = message.get("params") if isinstance(message, dict) else None
+            body = body if isinstance(body, dict) else {}
+            if method == "capture.data":
+                out.write(base64.b64decode(body.get("data", "")))
+                out.flush()
+                frames += int(body.get("frames", 0))
+            elif method == "capture.end":
+                end = body
+                break
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # `ixyd-ctl capture ... -w - | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        end = {"reason": "the reader of stdout went away"}
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if out is not None and not to_stdout:
+            out.close()
+    where = "stdout" if to_stdout else args.write
+    port = result.get("port", args.port) if isinstance(result, dict) else args.port
+    if end is None:
+        print(
+            f"ixyd-ctl: capture of {port} cut short: {frames} frames written to {where}",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    dropped = end.get("dropped", 0)
+    note = f"; {dropped} not captured: the capture ring was full" if dropped else ""
+    reason = _CAPTURE_ENDS.get(end.get("reason"), end.get("reason", "?"))
+    print(
+        f"ixyd-ctl: {frames} frames of {port} written to {where} ({reason}{note})",
+        file=sys.stderr,
+    )
+    if end.get("message"):
+        print(f"ixyd-ctl: {end['message']}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 def _find_socket(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, str]:
@@ -575,6 +720,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not timeout > 0:
         parser.error(f"--timeout must be more than 0 seconds, got {timeout:g}")
     as_json = getattr(args, "json", False)
+    if args.command == "capture":
+        try:
+            path, args.who = _find_socket(args, parser)
+            with ControlClient(path, timeout=timeout, who=args.who) as client:
+                return run_capture(args, client)
+        except CtlError as exc:
+            print(f"ixyd-ctl: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except RemoteError as exc:
+            print(f"ixyd-ctl: {exc.message}", file=sys.stderr)
+            return EXIT_PERMISSION if exc.code == ErrorCode.UNAUTHORIZED else EXIT_ERROR
     method, params_of, render = COMMANDS[args.command]
     if args.command == "call":
         method = args.method

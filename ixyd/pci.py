@@ -390,7 +390,11 @@ def _open_group_fds(group: int) -> list[int]:
 
 
 def release(
-    address: str, *, sysfs: Sysfs | None = None, timeout: float = BIND_TIMEOUT
+    address: str,
+    *,
+    sysfs: Sysfs | None = None,
+    timeout: float = BIND_TIMEOUT,
+    previous: Binding | None = None,
 ) -> list[str]:
     """Take a device from vfio-pci and let the kernel bind its own driver again.
 
@@ -400,6 +404,8 @@ def release(
     to `timeout` seconds for them when the device had interfaces before it was bound.
     The VFIO container using the device must be closed first: vfio-pci blocks the unbind
     while the device is open, and the kernel refuses the old driver while the group is.
+    `previous`: the binding when another process made it (ixyd-host prepare), so that
+    the original driver and interfaces are waited for as for this process's own.
     """
     sysfs = sysfs or Sysfs()
     info = PciDeviceInfo.read(address, sysfs)
@@ -409,7 +415,7 @@ def release(
             f"{address}: this process still holds /dev/vfio/{info.iommu_group} open; close "
             f"the VfioContainer (and its devices) before releasing the device"
         )
-    binding = _bindings.pop(address, None)
+    binding = _bindings.pop(address, None) or previous
     if info.driver == VFIO_PCI:
         sysfs.write(address, "bus", "pci", "devices", address, "driver", "unbind")
     # "\n" clears the override (Documentation/ABI/testing/sysfs-bus-pci).

@@ -32,7 +32,9 @@ import time
 from typing import Any
 
 from . import __version__
+from .capture import CaptureSession, CaptureSource
 from .config import (
+    DEFAULT_METRICS_ADDRESS,
     DEFAULT_STATE_DIR,
     DEMO_INSTANCE,
     Forward,
@@ -40,12 +42,15 @@ from .config import (
     PortSpec,
     demo_config,
     load,
+    parse_listen_address,
 )
-from .control import IXYD_METHODS, ControlServer, ErrorCode, RpcError
+from .control import IXYD_METHODS, ControlServer, ErrorCode, RpcError, Stream
 from .drivers import igb, ixgbe
 from .drivers.port import IntelPort
 from .drivers.rings import Mempool, RxQueue
 from .errors import ConfigError, IxydError, UnsupportedDeviceError
+from .metrics import IxydCollector, MetricsError, MetricsServer
+from .sdnotify import Notifier, ProgressWatchdog, status_text
 from .state import StateStore
 from .worker import QUEUE_STATS_FIELDS, ForwardingTable, Worker
 
@@ -53,6 +58,7 @@ log = logging.getLogger("ixyd")
 
 NETLINK_TIMEOUT = 5.0  # seconds a TAP interface may take to be created or removed
 RATE_INTERVAL = 1.0  # seconds between rate samples (stats `rates`)
+CAPTURE_STOP_TIMEOUT = 2.0  # seconds a capture may take to disarm and end
 WORKER_STOP_TIMEOUT = 2.0  # seconds each worker gets to leave its loop
 CHANGE_WAIT = 2.0  # seconds a control request waits for another change before BUSY
 GENERATOR_ETHERTYPE = 0x88B5  # IEEE 802 local experimental: never mistaken for real traffic
@@ -62,6 +68,7 @@ BROADCAST = b"\xff" * 6
 # counter of the worker; packets and bytes come from the driver, `sent` is `forwarded`
 WORKER_COUNTERS = tuple(f for f in QUEUE_STATS_FIELDS if f not in ("packets", "bytes", "sent"))
 EXIT_OK, EXIT_CONFIG, EXIT_DEVICE = 0, 2, 1
+INIT_TIMEOUT_MARGIN = 15.0  # seconds a port's init may take besides its link wait (systemd)
 
 
 class ServicePort:
@@ -87,8 +94,16 @@ class ServicePort:
 class Instance:
     """A running ixyd instance. `start()`, then `run()` until stopped, then `stop()`."""
 
-    def __init__(self, config: InstanceConfig, *, run_dir: str | None = None, config_path=None):
+    def __init__(
+        self,
+        config: InstanceConfig,
+        *,
+        run_dir: str | None = None,
+        config_path=None,
+        notifier: Notifier | None = None,
+    ):
         self.config = config
+        self.notifier = notifier or Notifier(None)  # systemd: READY, STATUS, watchdog
         self.config_path = config_path
         self.run_dir = run_dir
         self.state = "starting"
@@ -103,11 +118,14 @@ class Instance:
         self.workers: list[Worker] = []
         self.store = StateStore(config.state_dir, config.instance)
         self.server: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
         self._model_nics: dict[str, Any] = {}
         self._vfio_container = None
         self._bindings: list[Any] = []
         self._wire_taps: list[Any] = []  # TAP interfaces plugged into model ports' wires
         self._last_sample: tuple[float, dict[str, dict[str, int]]] | None = None
+        self._captures: dict[str, CaptureSession] = {}  # by port name: one capture per port
+        self._captures_lock = threading.Lock()  # sessions end on their own threads
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
@@ -121,6 +139,7 @@ class Instance:
             for worker in self.workers:
                 worker.start()
             self._start_traffic()
+            self._serve_metrics()
             self._serve_control()
             self.state = "running"
             log.info(
@@ -152,6 +171,8 @@ class Instance:
                 spec.backend,
                 extra={"DEVICE": spec.address},
             )
+            # the driver waits up to link_timeout for the link: tell systemd's start timeout
+            self.notifier.extend_timeout(config.link_timeout + INIT_TIMEOUT_MARGIN)
             driver = driver_class(dev, config)
             port = ServicePort(spec, driver, dev if spec.backend == "vfio" else None)
             port.traffic = wires.get(spec.address)
@@ -264,11 +285,46 @@ class Instance:
             "reset_stats": self.rpc_reset_stats,
             "set_promisc": self.rpc_set_promisc,
             "shutdown": self.rpc_shutdown,
+            "inject_fault": self.rpc_inject_fault,
+            "capture": self.rpc_capture,
         }
         for name, spec in IXYD_METHODS.items():
-            server.register(name, handlers[name], params_schema=spec.params, mutating=spec.mutating)
+            server.register(
+                name,
+                handlers[name],
+                params_schema=spec.params,
+                mutating=spec.mutating,
+                streaming=spec.streaming,
+            )
         self.server = server
         server.serve()
+
+    def _serve_metrics(self) -> None:
+        """The Prometheus endpoint (metrics.py): the socket systemd hands over as `metrics`,
+        else the configured address. Only the built-in default may be taken by someone
+        else (a second instance, a test): the instance then runs without metrics and says
+        so; an address the configuration asked for must be served or the start fails."""
+        configured = self.config.metrics
+        address = parse_listen_address(
+            DEFAULT_METRICS_ADDRESS if configured is None else configured
+        )
+        collector = IxydCollector(lambda: self.ports, self.config.instance)
+        server = MetricsServer.for_instance(collector, address)
+        if server is None:
+            log.info("metrics: off")
+            return
+        try:
+            server.serve()
+        except MetricsError as exc:
+            if configured is not None or server.activated:
+                raise
+            log.warning(
+                "%s; running without metrics (set `metrics` in the configuration, or "
+                "--metrics ADDR)",
+                exc,
+            )
+            return
+        self.metrics = server
 
     # ------------------------------------------------------------------ forwarding
     def _find(self, name: str) -> ServicePort:
@@ -322,7 +378,14 @@ class Instance:
 
         if port.tap is not None:  # another interface: one bridge per exception channel
             self._close_tap(port)
-        tap = self._off_loop(lambda: TapInterface.create(forward.ifname, mac=port.driver.mac))
+        try:
+            tap = self._off_loop(lambda: TapInterface.create(forward.ifname, mac=port.driver.mac))
+        except OSError as exc:  # no netlink socket: RestrictAddressFamilies= of the unit
+            raise RpcError(
+                ErrorCode.DEVICE_ERROR,
+                f"cannot create TAP interface {forward.ifname}: {exc.strerror or exc}; TAP "
+                "needs netlink and CAP_NET_ADMIN (under systemd: `ixyd-host install --tap`)",
+            ) from None
         bridges = []
         try:
             for worker, rxq, _ in port.workers:
@@ -372,11 +435,15 @@ class Instance:
         for name in WORKER_COUNTERS:
             counters[name] = 0
         counters["forwarded"] = 0
+        counters["capture_copied"] = counters["capture_dropped"] = 0  # frames, not lost
         for worker, rxq, _ in port.workers:
             q = worker.queue_stats(rxq)
             for name in WORKER_COUNTERS:
                 counters[name] += q[name]
             counters["forwarded"] += q["sent"]
+            capture = worker.capture_stats(rxq)
+            counters["capture_copied"] += capture["captured"]
+            counters["capture_dropped"] += capture["dropped"]
         counters["generated"] = sum(g.stats["sent"] for g in port.generators)
         return counters
 
@@ -413,6 +480,7 @@ class Instance:
             "workers": sum(w.running for w in self.workers),
             "config": self.config.source or "(built in)",
             "state_file": self.store.path,
+            "metrics": self.metrics.url if self.metrics is not None else None,
         }
 
     def rpc_ports(self) -> dict:
@@ -512,10 +580,80 @@ class Instance:
             self._persist(p.name, promisc=on)
         return {"name": p.name, "promisc": p.driver.promisc}
 
+    def rpc_capture(
+        self, port: str, count: int = 0, duration: float = 0.0, snaplen: int | None = None
+    ) -> Stream:
+        """Mirror what `port`'s RX queues receive to the caller as pcap (ixyd/capture.py);
+        BUSY while another capture of the port runs. The stream ends after `count` frames,
+        `duration` seconds (0: no limit), or when the client stops or leaves."""
+        p = self._find(port)
+        with self._captures_lock:
+            if p.name in self._captures:
+                raise RpcError(
+                    ErrorCode.BUSY,
+                    f"{p.name} is being captured already (one capture per port at a time)",
+                )
+            sources = [CaptureSource(worker, rxq) for worker, rxq, _ in p.workers]
+            options = dict(count=count, duration=duration)
+            if snaplen is not None:
+                options["snaplen"] = snaplen
+
+            def sink(event: str, params: dict) -> bool:  # on the session's thread
+                if event == "end":
+                    stream.end("capture.end", params)
+                    return True
+                return stream.send(f"capture.{event}", params)
+
+            session = CaptureSession(
+                sources,
+                sink,
+                name=f"ixyd-capture-{p.name}",
+                on_done=lambda: self._capture_done(p.name),
+                **options,
+            )
+            result = {
+                "port": p.name,
+                "queues": len(sources),
+                "snaplen": session.snaplen,
+                "count": count,
+                "duration": duration,
+                "format": "pcap, nanosecond timestamps, LINKTYPE_ETHERNET",
+            }
+            stream = Stream(result, on_close=session.stop)  # before the session starts
+            self._captures[p.name] = session
+        session.start()
+        log.info("%s: capture started (%s)", p.name, stream.result, extra={"DEVICE": p.name})
+        return stream
+
+    def _capture_done(self, name: str) -> None:
+        with self._captures_lock:
+            session = self._captures.pop(name, None)
+        if session is not None:
+            log.info(
+                "%s: capture ended (%s): %d frames, %d copies dropped",
+                name,
+                session.reason,
+                session.frames,
+                session.dropped,
+                extra={"DEVICE": name},
+            )
+
     def rpc_shutdown(self) -> dict:
         log.info("shutdown requested over the control socket")
         self.stop_requested.set()
         return {"stopping": True}
+
+    def rpc_inject_fault(self, fault: str, worker: int) -> dict:
+        """Test aid (docs/control.md): `stall` makes worker number `worker` hang."""
+        running = [w for w in self.workers if w.running]
+        if worker >= len(self.workers) or not self.workers[worker].running:
+            raise RpcError(
+                ErrorCode.NOT_FOUND, f"no running worker {worker} ({len(running)} running)"
+            )
+        target = self.workers[worker]
+        log.warning("inject_fault: stalling worker %s (test aid)", target.name)
+        target.stall()
+        return {"fault": fault, "worker": target.name}
 
     def _persist(self, port: str, **settings: Any) -> None:
         try:
@@ -525,18 +663,27 @@ class Instance:
 
     # ------------------------------------------------------------------ running
     def run(self) -> None:
-        """Wait for a stop request, sampling rates and serving SIGHUP reloads."""
-        while not self.stop_requested.wait(RATE_INTERVAL):
+        """Wait for a stop request, sampling rates, serving SIGHUP reloads and telling
+        systemd the status; the watchdog is fed only while every worker makes progress."""
+        watchdog = ProgressWatchdog(self.notifier, lambda: self.workers)
+        period = min(RATE_INTERVAL, (self.notifier.watchdog_period or 3 * RATE_INTERVAL) / 3)
+        while not self.stop_requested.wait(period):
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
             try:
                 self.sample_rates()
+                self.notifier.status(self.status_text())
             except IxydError as exc:
                 log.error("sampling counters: %s", exc)
+            watchdog.check()
             for worker in self.workers:
                 if worker.error is not None and not worker.running:
                     log.error("worker %s failed: %s", worker.name, worker.error)
+
+    def status_text(self) -> str:
+        """systemd's STATUS= line: link and rates of every port."""
+        return status_text((p.name, *p.driver.link(), p.rates) for p in self.ports)
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration and apply the forwarding and promisc settings
@@ -546,11 +693,13 @@ class Instance:
             log.info("SIGHUP: built-in configuration, nothing to reload")
             return
         self.state = "reloading"
+        self.notifier.reloading()
         try:
             new = load(self.config.instance, self.config_path or self.config.source)
         except ConfigError as exc:
             log.error("SIGHUP: keeping the running configuration: %s", exc)
             self.state = "running"
+            self.notifier.ready(self.status_text())
             return
 
         def layout(spec: PortSpec) -> PortSpec:
@@ -570,6 +719,7 @@ class Instance:
                 ", ".join(applied) or "nothing changed",
             )
         self.state = "running"
+        self.notifier.ready(self.status_text())
 
     def _apply_config_changes(self, old: InstanceConfig, new: InstanceConfig) -> list[str]:
         """Apply the per-port settings that differ between two configurations of the same
@@ -593,9 +743,19 @@ class Instance:
     def stop(self) -> None:
         """Socket, workers, ports, devices, bindings; never raises, logs what failed."""
         self.state = "stopping"
+        self.notifier.stopping()
+        if self.metrics is not None:  # first: no scrape may see the ports go away
+            self.metrics.close()
+            self.metrics = None
         if self.server is not None:
             self.server.close()
             self.server = None
+        with self._captures_lock:
+            captures = list(self._captures.values())
+        for session in captures:  # before the workers: they copy into the sessions' rings
+            session.stop()
+            if not session.join(CAPTURE_STOP_TIMEOUT):
+                log.error("capture thread %s did not stop", session.name)
         for port in self.ports:
             if port.traffic is not None:
                 _quietly(port.traffic.stop, "stopping the model traffic")
@@ -698,6 +858,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--demo-frames", type=int, help="demo traffic, frames per direction, 0 = no end"
     )
+    parser.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        help=f"Prometheus endpoint host:port, or off (default {DEFAULT_METRICS_ADDRESS})",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -719,11 +884,15 @@ def main(argv: list[str] | None = None) -> int:
             config = load(args.instance, args.config)
         if args.state_dir:
             config = dataclasses.replace(config, state_dir=args.state_dir)
+        if args.metrics is not None:
+            parse_listen_address(args.metrics, "--metrics")
+            config = dataclasses.replace(config, metrics=args.metrics)
     except ConfigError as exc:
         log.error("configuration: %s", exc)
         print(f"ixyd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    instance = Instance(config, run_dir=args.run_dir, config_path=args.config)
+    notifier = Notifier.from_environment()
+    instance = Instance(config, run_dir=args.run_dir, config_path=args.config, notifier=notifier)
     stopping = instance.stop_requested
 
     def on_stop(signum, _frame) -> None:
@@ -741,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
     except IxydError as exc:
         log.error("cannot start instance %s: %s", config.instance, exc)
         return EXIT_DEVICE
+    notifier.ready(instance.status_text())
     try:
         instance.run()
     finally:

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ._datapath import ffi, lib
+from .capture import DEFAULT_RING, CaptureRing
 from .drivers.rings import PKT_DATA_SIZE, Mempool, RxQueue, TxQueue, free_packets, write_packet
 from .errors import ConfigError, DmaError
 
@@ -505,6 +506,7 @@ class Worker:
             raise ConfigError(f"worker {name!r}: a queue is not set up (fill the RX queues first)")
         self._generators: dict[TxQueue, Generator] = {}
         self._retired: list[Generator] = []  # kept until close: their buffers may be in flight
+        self._capture_rings: dict[int, CaptureRing] = {}  # by RX queue index, see capture_ring
         self._stop = ffi.new("uint32_t *")
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -560,6 +562,13 @@ class Worker:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def stall(self) -> None:
+        """Fault injection, a test aid: make the running loop spin without polling or
+        counting rounds, as a hung worker would (the watchdog's test). stop() ends it."""
+        if not self.running:
+            raise RuntimeError(f"worker {self.name!r} is not running")
+        self._stop[0] = lib.IXYD_WORKER_STALL
 
     def run_iterations(self, rounds: int = 1) -> int:
         """Run rounds of the loop in the calling thread (step-mode tests); frames received."""
@@ -628,6 +637,33 @@ class Worker:
             raise ConfigError(
                 f"{_describe(rxq)} has no exception channel in worker {self.name!r}"
             ) from None
+
+    # -- capture
+    def capture_ring(self, rxq: RxQueue, size: int | None = None) -> CaptureRing:
+        """The capture ring of one of this worker's RX queues, made on first use (`size`
+        slots, default capture.DEFAULT_RING) and kept until close: after a disarm the
+        worker may still be copying into it. ConfigError if it exists with another size."""
+        index = self._rx_index(rxq)
+        ring = self._capture_rings.get(index)
+        if ring is None:
+            ring = self._capture_rings[index] = CaptureRing(size or DEFAULT_RING)
+        elif size is not None and size != ring.size:
+            raise ConfigError(f"{_describe(rxq)} already has a capture ring of {ring.size} slots")
+        return ring
+
+    def capture_stats(self, rxq: RxQueue) -> dict[str, int]:
+        """rxq's capture counters since its ring was made: frames copied into the ring
+        (captured) and copies dropped because it was full (dropped); zero without a ring."""
+        ring = self._capture_rings.get(self._rx_index(rxq))
+        return ring.stats if ring is not None else {"captured": 0, "dropped": 0}
+
+    def set_capture(self, rxq: RxQueue, ring: CaptureRing | None) -> None:
+        """Arm capture into `ring` (from capture_ring) for rxq, or disarm with None; the
+        worker copies every batch it receives there from its next batch on."""
+        index = self._rx_index(rxq)
+        if ring is not None and self._capture_rings.get(index) is not ring:
+            raise ConfigError(f"that capture ring is not {_describe(rxq)}'s in {self.name!r}")
+        lib.ixyd_worker_set_capture(self.pointer, index, ring.pointer if ring else ffi.NULL)
 
     # -- counters
     @property

@@ -21,13 +21,13 @@ import time
 
 import pytest
 
+from ixyd.activation import ActivationError, _listen_fds_from_environment
 from ixyd.control import (
     ControlError,
     ControlServer,
     ErrorCode,
     Param,
     RpcError,
-    _listen_fds_from_environment,
     socket_path,
 )
 from ixyd.errors import ConfigError, DeviceError
@@ -905,5 +905,5 @@ def test_listen_fds_fallback_follows_sd_listen_fds():
     other = {"LISTEN_PID": str(pid + 1), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "control"}
     assert _listen_fds_from_environment(other, pid) == {}  # meant for another process
     colon = {"LISTEN_PID": str(pid), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "ixyd@0000:03:00.0"}
-    with pytest.raises(ControlError, match="FileDescriptorName=control"):
+    with pytest.raises(ActivationError, match="FileDescriptorName=control"):
         _listen_fds_from_environment(colon, pid)

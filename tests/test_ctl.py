@@ -5,6 +5,7 @@ every exit code."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -17,7 +18,8 @@ import tempfile
 import pytest
 
 from ixyd import ctl
-from ixyd.control import FORWARD_MODES, IXYD_METHODS, ControlServer, ErrorCode, RpcError
+from ixyd.capture import pcap_file_header
+from ixyd.control import FORWARD_MODES, IXYD_METHODS, ControlServer, ErrorCode, RpcError, Stream
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switches uid: needs root")
@@ -126,6 +128,17 @@ class FakeDaemon:
         def shutdown():
             return {"stopping": True}
 
+        def inject_fault(fault, worker):
+            return {"fault": fault, "worker": f"ixyd-w{worker}-demo.{worker}.q0"}
+
+        def capture(port, **options):  # the real one: tests/test_capture.py
+            stream = Stream({"port": self.port_names(port)[0]}, on_close=lambda: None)
+            for chunk, frames in CAPTURE_CHUNKS:
+                data = base64.b64encode(chunk).decode()
+                stream.send("capture.data", {"data": data, "frames": frames})
+            stream.end("capture.end", {"frames": 2, "dropped": 7, "reason": "count"})
+            return stream
+
         return {
             "status": status,
             "ports": ports,
@@ -136,6 +149,8 @@ class FakeDaemon:
             "reset_stats": reset_stats,
             "set_promisc": set_promisc,
             "shutdown": shutdown,
+            "capture": capture,
+            "inject_fault": inject_fault,
         }
 
     def register(self, server):
@@ -147,6 +162,7 @@ class FakeDaemon:
                 self.recording(name, handlers[name]),
                 params_schema=spec.params,
                 mutating=spec.mutating,
+                streaming=spec.streaming,
             )
 
     def recording(self, name, handler):
@@ -312,6 +328,45 @@ def test_changes_send_the_documented_params(daemon):
         ("reset_stats", {"port": "demo.1"}),
         ("shutdown", {}),
     ]
+
+
+def test_debug_stall_worker_sends_inject_fault(daemon):
+    assert ok("-i", "demo", "debug", "stall-worker") == (
+        "worker ixyd-w0-demo.0.q0 stalled (fault injection)\n"
+    )
+    assert ok("-i", "demo", "debug", "stall-worker", "--worker", "1").startswith("worker ixyd-w1")
+    assert daemon.requests == [
+        ("inject_fault", {"fault": "stall", "worker": 0}),
+        ("inject_fault", {"fault": "stall", "worker": 1}),
+    ]
+
+
+# a pcap header, then one record per chunk: what ixyd-ctl capture writes, byte for byte
+CAPTURE_CHUNKS = [
+    (pcap_file_header(2048), 0),
+    (bytes(range(16)) + b"frame one", 1),
+    (bytes(range(16)) + b"frame two", 1),
+]
+
+
+def test_capture_writes_the_streamed_bytes_and_reports_the_end(daemon, run_dir):
+    path = os.path.join(run_dir, "out.pcap")
+    result = run_ctl("-i", "demo", "capture", "demo.0", "-c", "2", "-s", "100", "-w", path)
+    assert result.returncode == 0, result.stderr
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(chunk for chunk, _ in CAPTURE_CHUNKS)
+    assert daemon.requests == [("capture", {"port": "demo.0", "count": 2, "snaplen": 100})]
+    assert result.stderr.strip() == (
+        f"ixyd-ctl: 2 frames of demo.0 written to {path} "
+        "(count reached; 7 not captured: the capture ring was full)"
+    )
+    piped = subprocess.run(
+        [*ixyd_ctl_command(), "-i", "demo", "capture", "demo.0", "-w", "-"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert piped.returncode == 0 and b"written to stdout" in piped.stderr
+    assert piped.stdout == b"".join(chunk for chunk, _ in CAPTURE_CHUNKS)
 
 
 def test_call_sends_any_method_and_prints_its_json(daemon):

@@ -555,6 +555,7 @@ int ixyd_worker_init(struct ixyd_worker *w, struct ixyd_worker_queue *queues, ui
     for (uint32_t i = 0; i < nqueues; i++) {
         struct ixyd_worker_queue *q = &queues[i];
         q->host_txq = NULL;
+        q->capture = NULL;
         q->stats = (struct ixyd_queue_stats){0};
         apply_entry(w, q, __atomic_load_n(&q->entry->word, __ATOMIC_ACQUIRE));
     }
@@ -567,6 +568,82 @@ int ixyd_worker_set_generator(struct ixyd_worker *w, uint32_t txq, struct ixyd_g
         return -1;
     __atomic_store_n(&w->generators[txq], g, __ATOMIC_RELEASE);
     return 0;
+}
+
+int ixyd_worker_set_capture(struct ixyd_worker *w, uint32_t rxq, struct ixyd_capture *c)
+{
+    if (!w || rxq >= w->nqueues)
+        return -1;
+    __atomic_store_n(&w->queues[rxq].capture, c, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- capture */
+
+int ixyd_capture_init(struct ixyd_capture *c, struct ixyd_capture_slot *slots, uint32_t size)
+{
+    if (!c || !slots || !is_pow2(size) || size < 2 || size > 65536)
+        return -1;
+    *c = (struct ixyd_capture){.slots = slots, .mask = size - 1, .snaplen = IXYD_CAPTURE_DATA};
+    return 0;
+}
+
+/* Producer (the worker, while armed): copy what fits of a received batch, before the batch
+ * is handled (a reflected frame's MACs are still as received). Copies that do not fit are
+ * counted, never waited for: the frames go on as if nothing were armed. */
+static void capture_batch(struct ixyd_capture *c, struct ixyd_pkt *const *pkts, uint32_t n)
+{
+    uint32_t head = __atomic_load_n(&c->head, __ATOMIC_RELAXED);   /* our own index */
+    uint32_t room = c->mask + 1 - (head - __atomic_load_n(&c->tail, __ATOMIC_ACQUIRE));
+    uint32_t take = n < room ? n : room;
+    if (take < n)
+        ADD(c->dropped, n - take);
+    if (!take)
+        return;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);       /* vDSO; one read for the batch */
+    uint32_t session = __atomic_load_n(&c->session, __ATOMIC_RELAXED);
+    uint32_t snap = __atomic_load_n(&c->snaplen, __ATOMIC_RELAXED);
+    if (snap > IXYD_CAPTURE_DATA)
+        snap = IXYD_CAPTURE_DATA;
+    for (uint32_t k = 0; k < take; k++) {
+        struct ixyd_capture_slot *s = &c->slots[(head + k) & c->mask];
+        uint32_t len = pkts[k]->len, copy = len < snap ? len : snap;
+        s->session = session;
+        s->ts_sec = (uint32_t)now.tv_sec;
+        s->ts_nsec = (uint32_t)now.tv_nsec;
+        s->incl_len = copy;
+        s->orig_len = len;
+        memcpy(s->data, pkts[k]->data, copy);
+    }
+    __atomic_store_n(&c->head, head + take, __ATOMIC_RELEASE);
+    ADD(c->captured, take);
+}
+
+/* Consumer: acquire head (the slots are written), copy records out, release tail. */
+uint32_t ixyd_capture_drain(struct ixyd_capture *c, uint32_t session, uint8_t *out,
+                            uint32_t out_size, uint32_t max_frames, uint32_t *frames)
+{
+    uint32_t tail = __atomic_load_n(&c->tail, __ATOMIC_RELAXED);   /* our own index */
+    uint32_t avail = __atomic_load_n(&c->head, __ATOMIC_ACQUIRE) - tail;
+    uint32_t used = 0, records = 0, k = 0;
+    for (; k < avail && records < max_frames; k++) {
+        const struct ixyd_capture_slot *s = &c->slots[(tail + k) & c->mask];
+        if (s->session != session)
+            continue;                          /* an earlier capture's last batch */
+        uint32_t incl = s->incl_len > IXYD_CAPTURE_DATA ? IXYD_CAPTURE_DATA : s->incl_len;
+        uint32_t size = (uint32_t)offsetof(struct ixyd_capture_slot, data) -
+                        (uint32_t)offsetof(struct ixyd_capture_slot, ts_sec) + incl;
+        if (out_size - used < size)
+            break;
+        memcpy(out + used, &s->ts_sec, size);
+        used += size;
+        records++;
+    }
+    if (k)
+        __atomic_store_n(&c->tail, tail + k, __ATOMIC_RELEASE);
+    *frames = records;
+    return used;
 }
 
 static inline void swap_macs(struct ixyd_pkt *const *pkts, uint32_t n)
@@ -743,6 +820,10 @@ static inline uint64_t worker_round(struct ixyd_worker *w, struct ixyd_pkt **buf
             rx_bytes = q->rxq->stats.bytes - rx_bytes;
             ADD(q->stats.packets, n);
             ADD(q->stats.bytes, rx_bytes);
+            /* the whole cost of capture while none is armed: one load and one branch */
+            struct ixyd_capture *capture = __atomic_load_n(&q->capture, __ATOMIC_ACQUIRE);
+            if (unlikely(capture != NULL))
+                capture_batch(capture, bufs, n);
             handle_batch(q, bufs, n);
             received += n;
             bytes += rx_bytes;
@@ -776,8 +857,10 @@ uint64_t ixyd_worker_run(struct ixyd_worker *w, volatile uint32_t *stop)
 {
     struct ixyd_pkt *bufs[IXYD_MAX_BATCH];
     uint64_t received = 0;
-    while (!__atomic_load_n(stop, __ATOMIC_RELAXED))
-        received += worker_round(w, bufs);
+    uint32_t s;
+    while (!(s = __atomic_load_n(stop, __ATOMIC_RELAXED)) || s == IXYD_WORKER_STALL)
+        if (likely(!s))
+            received += worker_round(w, bufs);
     return received;
 }
 

@@ -141,8 +141,9 @@ uint64_t ixyd_forward_iterations(struct ixyd_rxq *rx, struct ixyd_txq *tx, uint3
  * handles every batch as that queue's forwarding entry says, services the queue's
  * exception channel, runs its packet generators, and publishes its counters. The control
  * plane steers it only through memory: forwarding entries, generator slots, the stop flag.
- * The loop takes no lock and makes no syscall; the one clock read (clock_gettime through
- * the vDSO, once per generator batch) is there only while a rate-limited generator runs.
+ * The loop takes no lock and makes no syscall; the clock reads (clock_gettime through the
+ * vDSO) are there only while a rate-limited generator runs (once per generator batch) or
+ * a capture is armed (once per captured batch).
  *
  * Forwarding entry: one 64-bit word per RX queue, so one atomic load gives a consistent
  * view (no seqlock, no retry: the worker never waits for the control plane). The worker
@@ -245,10 +246,47 @@ struct ixyd_queue_stats {
     uint64_t applied;            /* the entry word in effect */
 };
 
+/* Capture: a mirror ring of copied frames, one per RX queue, one producer (the worker)
+ * and one consumer (ixyd/capture.py's drain thread). Indices work like ixyd_spsc's. Each
+ * slot holds a pcap record (header, then incl_len bytes) so the consumer copies records
+ * out as they are. The worker copies a received batch in only while the queue's capture
+ * pointer is set (ixyd_worker_set_capture), before it handles the batch; when the ring is
+ * full the copies are dropped and counted, the frames themselves are handled as always.
+ * Timestamps: one CLOCK_REALTIME read per captured batch, so the frames of a batch share
+ * one. session: the consumer's number for the current capture, stamped into every slot;
+ * the consumer skips slots of an earlier capture the worker may still have written in the
+ * batch it was handling when that capture was disarmed. */
+#define IXYD_CAPTURE_DATA 2048  /* bytes of frame a slot holds: a whole receive buffer */
+
+struct ixyd_capture_slot {
+    uint32_t session;            /* the ring's session when the worker wrote the slot */
+    uint32_t reserved[3];
+    uint32_t ts_sec;             /* pcap record header (nanosecond pcap), host byte order */
+    uint32_t ts_nsec;
+    uint32_t incl_len;           /* bytes in data[]: min(orig_len, snaplen) */
+    uint32_t orig_len;           /* the frame's length, without FCS */
+    uint8_t data[IXYD_CAPTURE_DATA];
+};
+
+struct ixyd_capture {
+    struct ixyd_capture_slot *slots;   /* size entries */
+    uint32_t mask;               /* size - 1; size is a power of two */
+    uint32_t snaplen;            /* consumer's, set before arming: bytes copied per frame */
+    uint32_t session;            /* consumer's, set before arming */
+    uint32_t pad0[11];
+    uint32_t head;               /* copies since init: written by the worker only */
+    uint32_t pad1[15];
+    uint32_t tail;               /* copies consumed: written by the consumer only */
+    uint32_t pad2[15];
+    uint64_t captured;           /* published by the worker: frames copied in */
+    uint64_t dropped;            /* published by the worker: copies dropped, ring full */
+};
+
 struct ixyd_worker_queue {
     struct ixyd_rxq *rxq;
     struct ixyd_fwd_entry *entry;
     struct ixyd_exception *exception;  /* NULL: this queue has no exception channel */
+    struct ixyd_capture *capture;  /* NULL: not capturing; ixyd_worker_set_capture */
     struct ixyd_txq *txq;        /* worker's: decoded from the entry */
     struct ixyd_txq *host_txq;   /* worker's: TX queue of the last EXCEPTION entry, for host frames */
     uint32_t mode;               /* worker's: decoded from the entry */
@@ -298,7 +336,20 @@ int ixyd_worker_init(struct ixyd_worker *w, struct ixyd_worker_queue *queues, ui
 /* Publish (release) generator g, or NULL, for TX queue index txq; -1 for a bad index. The
  * generator it replaces may be in use until the worker's current round ends. */
 int ixyd_worker_set_generator(struct ixyd_worker *w, uint32_t txq, struct ixyd_generator *g);
-/* Run rounds until *stop != 0, or a fixed number of them; both return the frames received. */
+/* Arm (release) capture ring c, or disarm with NULL, for RX queue index rxq; -1 for a bad
+ * index. The worker may copy into the ring it replaces until its current round ends. */
+int ixyd_worker_set_capture(struct ixyd_worker *w, uint32_t rxq, struct ixyd_capture *c);
+/* Capture ring over size slots (a power of two, 2..65536); -1 otherwise. Consumer only:
+ * drain copies the pcap records (16-byte header and data) of up to max_frames slots of
+ * `session` into out, as many as fit in out_size bytes, skips slots of other sessions, and
+ * returns the bytes written; *frames gets the number of records. */
+int ixyd_capture_init(struct ixyd_capture *c, struct ixyd_capture_slot *slots, uint32_t size);
+uint32_t ixyd_capture_drain(struct ixyd_capture *c, uint32_t session, uint8_t *out,
+                            uint32_t out_size, uint32_t max_frames, uint32_t *frames);
+/* Run rounds until *stop != 0, or a fixed number of them; both return the frames received.
+ * *stop == IXYD_WORKER_STALL is fault injection (a hung worker, for the watchdog tests):
+ * the loop spins without polling or counting rounds until *stop changes again. */
+#define IXYD_WORKER_STALL 2
 uint64_t ixyd_worker_run(struct ixyd_worker *w, volatile uint32_t *stop);
 uint64_t ixyd_worker_iterations(struct ixyd_worker *w, uint64_t iterations);
 
@@ -314,5 +365,10 @@ _Static_assert(IXYD_PKT_HEADROOM % 128 == 0, "82599 buffers are 128-byte aligned
 _Static_assert(sizeof(struct ixyd_fwd_stats) == 5 * sizeof(uint64_t), "published layout");
 _Static_assert(offsetof(struct ixyd_spsc, head) == 64 && offsetof(struct ixyd_spsc, tail) == 128,
                "producer and consumer indices on separate cache lines");
+_Static_assert(offsetof(struct ixyd_capture, head) == 64 && offsetof(struct ixyd_capture, tail) == 128,
+               "capture producer and consumer indices on separate cache lines");
+_Static_assert(offsetof(struct ixyd_capture_slot, ts_sec) == 16 &&
+               offsetof(struct ixyd_capture_slot, data) == 32,
+               "a capture slot ends in a pcap record: 16-byte header, then the data");
 
 #endif /* IXYD_DATAPATH_H */

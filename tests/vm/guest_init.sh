@@ -8,6 +8,7 @@
 #   dmesg        the guest kernel log after the command
 #   rc           the command's exit code; written last: no rc = no result
 #   timedout     present when the command hit DEADLINE
+#   boot         guest uptime in seconds when the command started
 #   setup-error  why the command was not started
 # Never exits: PID 1 exiting panics the kernel. Ends with a sysrq power-off.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -61,6 +62,7 @@ modprobe -C /run/ixyd-empty-modprobe.d -d "$KROOT" -a $MODULES 2> /run/modprobe.
 
 cd "$WORKDIR" || setup_failed "cannot cd to $WORKDIR"
 read -r uptime _ < /proc/uptime
+echo "$uptime" > "$OUT/boot"
 budget=$(awk -v d="$DEADLINE" -v u="$uptime" 'BEGIN { b = d - u; printf "%.1f", (b < 1 ? 1 : b) }')
 started=$(date +%s.%N)
 timeout -k 2 "$budget" env -i "${GUEST_ENV[@]}" bash "$OUT/command.sh" > "$OUT/output" 2>&1 < /dev/null

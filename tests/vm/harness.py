@@ -21,6 +21,7 @@ the -device options: see IGB_PORTS and scenarios/guest_pci.py:igb_addresses_in_g
 
 Run by hand from the repo root (prints the command's output, exits with its code):
     .venv/bin/python tests/vm/harness.py [--igb] [--timeout S] [--console] -- COMMAND...
+    .venv/bin/python tests/vm/harness.py --init systemd --journal [--igb] -- COMMAND...
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ log = logging.getLogger("ixyd.vm")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GUEST_INIT = Path(__file__).resolve().parent / "guest_init.sh"  # PID 1 in the guest
+GUEST_SYSTEMD = Path(__file__).resolve().parent / "guest_systemd.sh"  # init="systemd": stage 2
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"  # guest-side scripts
 DEFAULT_CACHE = Path("/var/cache/ixyd-vm")  # outside the repo: fresh clones reuse it
 
@@ -74,6 +76,7 @@ IGB_PORTS = (
 # functions 0 and 1 of one slot would not do: the guest kernel enumerates only function 0.
 # For tests of a group that is not viable.
 TOPOLOGIES = ("default", "shared-group")
+INITS = ("script", "systemd")  # run_in_guest(init=...): guest_init.sh or systemd as PID 1
 SHARED_GROUP_BRIDGE = "br1"
 IGB_PORTS_SHARED_GROUP = (
     GuestIgbPort(bdf="0000:02:01.0", mac="52:54:00:00:00:01", root_port="rp1"),
@@ -95,28 +98,47 @@ QBOOT = Path("/usr/share/qemu/qboot.rom")  # fastest firmware; enters the ELF ke
 
 # Modules the initramfs needs to mount the 9p root (recipe §3); built-in ones are skipped.
 INITRAMFS_MODULE_TARGETS = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
-BUSYBOX_APPLETS = "sh mount umount insmod switch_root cat echo poweroff".split()  # /init's
+BUSYBOX_APPLETS = "sh mount umount insmod switch_root mkdir cat echo poweroff".split()  # /init's
 
 # Payload magics inside a vmlinuz (recipe §2): zstd for 6.12, xz for 6.1.
 KERNEL_PAYLOAD_MAGICS = (b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00")
 
 # /init of the initramfs: load the 9p modules, mount the host root read-only, hand over
-# to `rootinit=` (guest_init.sh). Any change here rebuilds the cached initramfs.
+# to `rootinit=` (guest_init.sh). With the flag `rootoverlay` on the kernel command line
+# (init="systemd") the new root is an overlay instead: the 9p root as its read-only lower
+# layer, a tmpfs as the upper one, so that / is writable and every write vanishes with the
+# guest. Any change here rebuilds the cached initramfs.
 INITRAMFS_INIT = """\
 #!/bin/sh
-# ixyd test guest, stage 1: mount the host root (9p, read-only) and switch_root to rootinit=.
+# ixyd test guest, stage 1: mount the host root (9p, read-only; under a tmpfs overlay with
+# rootoverlay) and switch_root to rootinit=.
 mount -t proc proc /proc
 mount -t devtmpfs devtmpfs /dev
 for module in $(cat /lib/modules/order); do
     insmod /lib/modules/$module.ko || echo "initramfs: insmod $module failed"
 done
 rootinit=/sbin/init
+overlay=
 for word in $(cat /proc/cmdline); do
-    case "$word" in rootinit=*) rootinit="${word#rootinit=}" ;; esac
+    case "$word" in
+        rootinit=*) rootinit="${word#rootinit=}" ;;
+        rootoverlay) overlay=1 ;;
+    esac
 done
-if ! mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose root /newroot; then
+root=/newroot
+[ -n "$overlay" ] && root=/lower
+if ! mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose root $root; then
     echo "initramfs: cannot mount the 9p root"
     poweroff -f
+fi
+if [ -n "$overlay" ]; then
+    mount -t tmpfs -o mode=0755 tmpfs /upper
+    mkdir /upper/data /upper/work
+    if ! mount -t overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work \\
+            overlay /newroot; then
+        echo "initramfs: cannot mount the overlay root"
+        poweroff -f
+    fi
 fi
 umount /proc
 mount --move /dev /newroot/dev
@@ -125,6 +147,7 @@ exec switch_root /newroot "$rootinit"
 
 GUEST_SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUEST_WIND_DOWN_S = 3.0  # guest keeps this much of the timeout for dmesg + power-off
+GUEST_WIND_DOWN_SYSTEMD_S = 8.0  # ... and under systemd for the journal + a forced shutdown
 CONSOLE_TAIL_LINES = 40
 UNUSED_FOR_S = 24 * 3600  # cached kernels and initramfs images unused this long are removed
 
@@ -156,6 +179,8 @@ class GuestResult:
     console: str  # full serial console (kernel + init) plus QEMU's own messages
     dmesg: str  # guest kernel log, read after the command ended
     elapsed: float  # seconds, QEMU start to QEMU exit
+    boot: float | None = None  # guest uptime (s) when the command started
+    journal: str = ""  # init="systemd": the guest's journal (journalctl -b) after the command
 
 
 @dataclass(frozen=True)
@@ -539,7 +564,7 @@ def _prepare_initramfs(cache: Path, kroot: Path, version: str, busybox: Path) ->
     log.info("building %s (modules: %s)", image.name, " ".join(m.name for m in modules))
     with tempfile.TemporaryDirectory(dir=cache) as staging_dir:
         staging = Path(staging_dir)
-        for sub in ("bin", "dev", "proc", "sys", "newroot", "lib/modules"):
+        for sub in ("bin", "dev", "proc", "sys", "newroot", "lower", "upper", "lib/modules"):
             (staging / sub).mkdir(parents=True)
         shutil.copy2(busybox, staging / "bin" / "busybox")
         for applet in BUSYBOX_APPLETS:
@@ -640,13 +665,15 @@ def run_in_guest(
     env: Mapping[str, str] | None = None,
     host: VmHost | None = None,
     topology: str = "default",
+    init: str = "script",
 ) -> GuestResult:
     """Boots the guest, runs `command` as root in the repo root and powers off.
 
     command: an argv list, or a string run by bash (may be a multi-line script).
     timeout: seconds for the whole run, boot included (a boot takes 4-5 s on an idle
         host, up to 30 s with other guests on the two cores). The guest stops the command
-        GUEST_WIND_DOWN_S before that and reports what it printed; the host kills QEMU
+        GUEST_WIND_DOWN_S (systemd: GUEST_WIND_DOWN_SYSTEMD_S) before that and reports what
+        it printed; the host kills QEMU
         at the timeout. Either way: GuestTimeout.
     with_igb_driver: also load the kernel's igb driver, which then binds both ports
         (otherwise no driver is bound and only vfio-pci and vfio_iommu_type1 are loaded).
@@ -654,18 +681,27 @@ def run_in_guest(
         first), HOME=/root, LANG=C.UTF-8, IXYD_VM_GUEST=1; no PYTHONPATH unless given here.
     topology: "default" (IGB_PORTS: each igb alone in its IOMMU group) or "shared-group"
         (IGB_PORTS_SHARED_GROUP: both igb in one IOMMU group, behind a pcie-pci-bridge).
+    init: "script" (guest_init.sh is PID 1 and runs the command; read-only root) or
+        "systemd" (the host's systemd is PID 1 on a writable overlay root and runs the
+        command as a unit after basic.target; see guest_systemd.sh). Same command
+        environment and results; with systemd also `journal` and `boot`.
     Raises GuestTimeout, GuestError (no result: panic, init failure), HostSetupError.
     """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; one of {', '.join(INITS)}")
     host = host or ensure_host()
     with tempfile.TemporaryDirectory(prefix="ixyd-vm-") as run_dir:
         share = Path(run_dir) / "out"
         share.mkdir()
-        for path in (share, GUEST_INIT, REPO_ROOT, host.cache_dir):
+        for path in (share, GUEST_INIT, GUEST_SYSTEMD, REPO_ROOT, host.cache_dir):
             if re.search(r"\s", str(path)):
                 raise GuestError(f"{path}: the kernel command line cannot carry whitespace")
         script = command if isinstance(command, str) else shlex.join(command)
         (share / "command.sh").write_text(script + "\n")
-        (share / "config").write_text(_guest_config(host, timeout, with_igb_driver, env or {}))
+        wind_down = GUEST_WIND_DOWN_S if init == "script" else GUEST_WIND_DOWN_SYSTEMD_S
+        (share / "config").write_text(
+            _guest_config(host, timeout - wind_down, with_igb_driver, env or {})
+        )
         # no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check can
         # miss its ticks and panic ("IO-APIC + timer doesn't work!"); seen once here.
         kernel_args = [
@@ -673,7 +709,11 @@ def run_in_guest(
             "panic=-1",
             "intel_iommu=on",
             "no_timer_check",
-            f"rootinit={GUEST_INIT}",
+            *(
+                [f"rootinit={GUEST_INIT}"]
+                if init == "script"
+                else ["rootoverlay", f"rootinit={GUEST_SYSTEMD}"]
+            ),
             f"ixydvm_out={share}",
         ]
         console_path = Path(run_dir) / "console.log"
@@ -703,9 +743,10 @@ def run_in_guest(
 
 
 def _guest_config(
-    host: VmHost, timeout: float, with_igb_driver: bool, env: Mapping[str, str]
+    host: VmHost, deadline: float, with_igb_driver: bool, env: Mapping[str, str]
 ) -> str:
-    """The bash assignments guest_init.sh sources from the share."""
+    """The bash assignments guest_init.sh (or guest_systemd.sh) sources from the share.
+    deadline: guest uptime (s) at which the command is stopped."""
     guest_env = {
         "PATH": f"{REPO_ROOT}/.venv/bin:{GUEST_SYSTEM_PATH}",
         "HOME": "/root",
@@ -719,7 +760,7 @@ def _guest_config(
         "KROOT": str(host.kroot),
         "MODULES": "vfio-pci vfio_iommu_type1" + (" igb" if with_igb_driver else ""),
         "WORKDIR": str(REPO_ROOT),
-        "DEADLINE": f"{max(1.0, timeout - GUEST_WIND_DOWN_S):.1f}",  # guest uptime, s
+        "DEADLINE": f"{max(1.0, deadline):.1f}",  # guest uptime, s
     }
     lines = [f"{key}={shlex.quote(value)}" for key, value in settings.items()]
     lines.append(
@@ -744,6 +785,7 @@ def _collect(
             output=output,
         )
     rc = read("rc")
+    boot = read("boot")
     if rc is None or not rc.strip().lstrip("-").isdigit():
         setup = read("setup-error")
         panic = re.search(r"Kernel panic - not syncing: [^\n]*", console)
@@ -765,6 +807,8 @@ def _collect(
         console=console,
         dmesg=read("dmesg") or "",
         elapsed=elapsed,
+        boot=float(boot) if boot and re.fullmatch(r"\d+(\.\d+)?", boot.strip()) else None,
+        journal=read("journal") or "",
     )
 
 
@@ -791,6 +835,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--console", action="store_true", help="print the serial console too")
     parser.add_argument("--dmesg", action="store_true", help="print the guest's dmesg too")
     parser.add_argument("--topology", choices=TOPOLOGIES, default="default", help="PCI layout")
+    parser.add_argument("--init", choices=INITS, default="script", help="PID 1 of the guest")
+    parser.add_argument("--journal", action="store_true", help="print the journal (systemd)")
     parser.add_argument("command", nargs="+", help="argv to run (a single word: a bash script)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="ixyd-vm: %(message)s")
@@ -803,6 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with_igb_driver=args.igb,
             host=host,
             topology=args.topology,
+            init=args.init,
         )
     except GuestError as e:
         if args.console:
@@ -813,9 +860,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(result.console)
     if args.dmesg:
         print(result.dmesg)
+    if args.journal:
+        print(result.journal)
     sys.stdout.write(result.output)
     print(
-        f"ixyd-vm: {host.kernel_version}, exit {result.returncode}, {result.elapsed:.1f} s",
+        f"ixyd-vm: {host.kernel_version}, exit {result.returncode}, {result.elapsed:.1f} s"
+        + (f" (command started at guest uptime {result.boot:.1f} s)" if result.boot else ""),
         file=sys.stderr,
     )
     return result.returncode

@@ -87,3 +87,29 @@ def test_raw_vfio_container_group_and_iova_ranges(vm: VmHost):
     summary = json.loads(result.output.split("RESULT ", 1)[1])
     assert summary["mac"] == "52:54:00:00:00:02"
     assert all(end < 0xFEE00000 or start > 0xFEEFFFFF for start, end in summary["iova_ranges"])
+
+
+def test_systemd_as_init_runs_the_command_as_a_unit_on_a_writable_root(vm: VmHost):
+    script = """
+        echo "pid1 $(cat /proc/1/comm)"
+        echo "state $(systemctl is-system-running)"
+        echo "unit $(systemctl show -p Id --value "$(cat /proc/self/cgroup | sed -n 's|.*/||p')")"
+        touch /etc/ixyd-vm-writable && echo root-writable
+        echo "vfio $(stat -c %a /dev/vfio/vfio)"
+        echo "memlock $(ulimit -l)"
+        ip -br link show lo
+        exit 3
+    """
+    result = vm.run(script, timeout=90, init="systemd")
+
+    assert result.returncode == 3, result.output + result.journal[-3000:]
+    lines = result.output.splitlines()
+    assert "pid1 systemd" in lines
+    assert "state running" in lines  # no failed unit, no job left
+    assert "unit ixyd-vm-command.service" in lines
+    assert "root-writable" in lines  # overlay root
+    assert "vfio 666" in lines  # the kernel's mode: no static node from kmod-static-nodes
+    assert "memlock unlimited" in lines
+    assert any(line.startswith("lo ") and "UP" in line for line in lines)
+    assert "Startup finished" in result.journal
+    assert result.boot is not None and 0 < result.boot < result.elapsed

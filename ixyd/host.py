@@ -1,0 +1,458 @@
+"""`ixyd-host`: what root does on the host around the daemon, which runs unprivileged.
+
+    ixyd-host install [--root DIR | --runtime] [--tap]   units, accounts, directories, udev
+    ixyd-host prepare [--group ixyd] INSTANCE            ExecStartPre=+ of ixyd@.service
+    ixyd-host release [--if-stopped-cleanly] INSTANCE    ExecStopPost=+ of ixyd@.service
+
+`install` writes systemd/ixyd@.service and ixyd@.socket (with the directory of the `ixyd`
+executables filled in), etc/sysusers.d, etc/tmpfiles.d and the udev rule, then applies
+them: systemd-sysusers creates the users, systemd-tmpfiles the directories, udev and
+systemd reload their rules and units when they run.
+
+`prepare` binds each vfio port of the instance to vfio-pci (pci.bind_vfio: refuses a NIC
+whose kernel interface is up with addresses unless the instance sets force_bind) and makes
+its /dev/vfio/<group> group-owned by the daemon's group, mode 0660. Before it binds, it
+marks the IOMMU group in /run/ixyd/vfio/<group> (a JSON record: instance, devices and
+their kernel drivers before), which the udev rule matches so that udev keeps the node's
+ownership, and which `release` reads to give each device back to the driver it had.
+Model ports need nothing: an instance of model ports only is a no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import grp
+import json
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import load
+from .errors import ConfigError, IxydError
+from .pci import VFIO_PCI, Binding, PciBindError, PciDeviceInfo, Sysfs, bind_vfio, release
+
+log = logging.getLogger("ixyd.host")
+
+DAEMON_GROUP = "ixyd"  # User=/Group= of ixyd@.service, made by sysusers.d/ixyd.conf
+OPS_GROUP = "ixyd-ops"  # SocketGroup= of ixyd@.socket: who may read with ixyd-ctl
+MARK_DIR = "/run/ixyd/vfio"  # IOMMU groups handed to ixyd; the udev rule tests for them
+DEV_VFIO = "/dev/vfio"
+GROUP_NODE_MODE = 0o660
+NODE_TIMEOUT = 5.0  # seconds for /dev/vfio/<group> to appear after the bind
+SETTLE_TIMEOUT = 10  # seconds `udevadm settle` may wait for udev to handle the bind
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+# What `install` writes: (source relative to the share dir, destination dir key, file name)
+UNIT_FILES = ("systemd/ixyd@.service", "systemd/ixyd@.socket")
+CONFIG_FILES = (
+    ("etc/sysusers.d/ixyd.conf", "sysusers"),
+    ("etc/tmpfiles.d/ixyd.conf", "tmpfiles"),
+    ("etc/udev/rules.d/70-ixyd-vfio.rules", "udev"),
+)
+TAP_DROP_IN = """\
+# Written by `ixyd-host install --tap`: what the tap forwarding mode needs on top of
+# ixyd@.service's sandbox (creating a TAP interface: /dev/net/tun, CAP_NET_ADMIN, netlink).
+[Service]
+CapabilityBoundingSet=CAP_NET_ADMIN
+AmbientCapabilities=CAP_NET_ADMIN
+DeviceAllow=/dev/net/tun rw
+RestrictAddressFamilies=AF_NETLINK
+"""
+TAP_DROP_IN_NAME = "ixyd@.service.d/50-tap.conf"
+
+# Where the files go: persistent (/etc, for a system a package manager does not own)
+# or runtime (/run, gone at reboot; for read-only roots and throwaway test machines).
+DESTINATIONS = {
+    "etc": {
+        "units": "etc/systemd/system",
+        "sysusers": "etc/sysusers.d",
+        "tmpfiles": "etc/tmpfiles.d",
+        "udev": "etc/udev/rules.d",
+    },
+    "run": {
+        "units": "run/systemd/system",
+        "sysusers": "run/sysusers.d",
+        "tmpfiles": "run/tmpfiles.d",
+        "udev": "run/udev/rules.d",
+    },
+}
+
+
+class HostError(IxydError):
+    """A host step (install, prepare, release) failed; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------- install
+def share_dir() -> Path:
+    """Where the unit and configuration files are: the source tree of an editable install,
+    else <prefix>/share/ixyd, where the wheel puts them (pyproject data-files)."""
+    checkout = Path(__file__).resolve().parent.parent
+    for candidate in (checkout, Path(sys.prefix) / "share" / "ixyd"):
+        if (candidate / UNIT_FILES[0]).is_file():
+            return candidate
+    raise HostError(
+        f"the ixyd unit files are neither in {checkout}/systemd nor in "
+        f"{sys.prefix}/share/ixyd/systemd: reinstall ixyd (pip install) to get them"
+    )
+
+
+def default_bin_dir() -> str:
+    """The directory of the `ixyd` executable of this installation (its venv's bin/)."""
+    return sysconfig.get_path("scripts")
+
+
+def render_unit(text: str, bin_dir: str) -> str:
+    """A unit template with @BINDIR@ replaced."""
+    return text.replace("@BINDIR@", bin_dir.rstrip("/") or "/")
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What install wrote (absolute paths) and which follow-up commands it ran."""
+
+    files: tuple[str, ...]
+    commands: tuple[tuple[str, ...], ...]
+
+
+def install(
+    root: str = "/",
+    *,
+    runtime: bool = False,
+    tap: bool = False,
+    bin_dir: str | None = None,
+    apply: bool = True,
+) -> Installed:
+    """Install the units and the sysusers, tmpfiles and udev files below `root`, then (if
+    `apply`) create the accounts and directories and reload udev and systemd. With a root
+    other than /, only what works offline runs (systemd-sysusers/-tmpfiles --root); udev
+    and systemd are left alone. Raises HostError naming the step that failed."""
+    bin_dir = bin_dir or default_bin_dir()
+    if not os.path.isabs(bin_dir):
+        raise HostError(f"--bin-dir must be an absolute path, got {bin_dir!r}")
+    for program in ("ixyd", "ixyd-host"):
+        path = os.path.join(root, bin_dir.lstrip("/"), program)
+        if not os.access(path, os.X_OK):
+            raise HostError(
+                f"{path} is not an executable: the units run ixyd from {bin_dir}; pass "
+                "--bin-dir with the directory that has ixyd and ixyd-host"
+            )
+    source = share_dir()
+    where = DESTINATIONS["run" if runtime else "etc"]
+    written = []
+
+    def put(text: str, directory: str, name: str) -> None:
+        target = Path(root, directory, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.tmp")
+        temporary.write_text(text)
+        temporary.chmod(0o644)
+        os.replace(temporary, target)
+        written.append(str(target))
+
+    for unit in UNIT_FILES:
+        text = render_unit((source / unit).read_text(), bin_dir)
+        put(text, where["units"], os.path.basename(unit))
+    if tap:
+        put(TAP_DROP_IN, where["units"], TAP_DROP_IN_NAME)
+    else:
+        with contextlib.suppress(FileNotFoundError):  # install without --tap takes it away
+            os.unlink(Path(root, where["units"], TAP_DROP_IN_NAME))
+    for name, key in CONFIG_FILES:
+        put((source / name).read_text(), where[key], os.path.basename(name))
+    commands = _apply_commands(root, runtime) if apply else []
+    for command in commands:
+        _run(command)
+    return Installed(tuple(written), tuple(tuple(c) for c in commands))
+
+
+def _apply_commands(root: str, runtime: bool) -> list[list[str]]:
+    offline = os.path.realpath(root) != "/"
+    # a bare file name: both tools look it up in their directories (below --root), /etc
+    # and /run included; a path would be opened as it is, outside the root
+    sysusers = ["systemd-sysusers", *([f"--root={root}"] if offline else []), "ixyd.conf"]
+    tmpfiles = [
+        "systemd-tmpfiles",
+        "--create",
+        *([f"--root={root}"] if offline else []),
+        "ixyd.conf",
+    ]
+    commands = [tmpfiles] if not offline and _accounts_exist() else [sysusers, tmpfiles]
+    if offline:
+        return commands
+    if os.path.exists("/run/udev/control"):  # udevd runs
+        commands.append(["udevadm", "control", "--reload"])
+    if os.path.isdir("/run/systemd/system"):  # booted with systemd (sd_booted(3))
+        commands.append(["systemctl", "daemon-reload"])
+    return commands
+
+
+def _accounts_exist() -> bool:
+    """Whether sysusers.d/ixyd.conf has nothing left to do here (then it is not run: a
+    read-only /etc, as in a test VM sharing the host's root, would make it fail)."""
+    try:
+        pwd.getpwnam(DAEMON_GROUP)
+        grp.getgrnam(DAEMON_GROUP)
+        grp.getgrnam(OPS_GROUP)
+    except KeyError:
+        return False
+    return True
+
+
+def _run(command: list[str]) -> None:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HostError(f"`{' '.join(command)}` failed: {exc}") from None
+    if done.returncode != 0:
+        raise HostError(
+            f"`{' '.join(command)}` failed (exit {done.returncode}): "
+            f"{(done.stderr or done.stdout).strip()}"
+        )
+
+
+# ---------------------------------------------------------------------------- prepare
+def _mark_path(group: int, mark_dir: str) -> str:
+    return os.path.join(mark_dir, str(group))
+
+
+def _read_mark(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            mark = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise HostError(f"{path} is not an ixyd group record ({exc}); remove it") from None
+    if not isinstance(mark, dict) or not isinstance(mark.get("devices"), dict):
+        raise HostError(f"{path} is not an ixyd group record; remove it")
+    return mark
+
+
+def _write_mark(path: str, mark: dict) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(mark, f)
+    os.replace(temporary, path)
+
+
+def _settle_udev() -> None:
+    """Let udev handle the new /dev/vfio node first, so it cannot undo our chown later."""
+    if os.path.exists("/run/udev/control") and shutil.which("udevadm"):
+        subprocess.run(
+            ["udevadm", "settle", f"--timeout={SETTLE_TIMEOUT}"], capture_output=True, check=False
+        )
+
+
+def _load_vfio_module(sysfs: Sysfs) -> None:
+    if not sysfs.exists("bus", "pci", "drivers", VFIO_PCI) and shutil.which("modprobe"):
+        subprocess.run(["modprobe", VFIO_PCI], capture_output=True, check=False)
+
+
+def prepare(
+    instance: str,
+    group: str = DAEMON_GROUP,
+    *,
+    sysfs: Sysfs | None = None,
+    dev_dir: str = DEV_VFIO,
+    mark_dir: str = MARK_DIR,
+) -> list[Binding]:
+    """Bind every vfio port of `instance` to vfio-pci and give `group` its /dev/vfio node.
+
+    Reads the instance's configuration (/etc/ixyd/<instance>.toml, or a bare PCI address).
+    Returns the bindings (empty for model ports only). Raises ConfigError for a bad
+    configuration, PciBindError when a NIC cannot be taken (in use, IOMMU off, group not
+    viable), HostError when the group is missing or another instance holds the IOMMU group.
+    """
+    config = load(instance)
+    ports = [p for p in config.ports if p.backend == "vfio"]
+    if not ports:
+        log.info("%s: model ports only, nothing to bind", instance)
+        return []
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise HostError(
+            f"group {group!r} does not exist: run `ixyd-host install` (systemd-sysusers)"
+        ) from None
+    sysfs = sysfs or Sysfs()
+    _load_vfio_module(sysfs)
+    bindings = []
+    for spec in ports:
+        info = PciDeviceInfo.read(spec.address, sysfs)
+        if info.iommu_group is None:  # bind_vfio says why and what to do
+            bindings.append(bind_vfio(spec.address, force=config.force_bind, sysfs=sysfs))
+            continue
+        path = _mark_path(info.iommu_group, mark_dir)
+        mark = _read_mark(path) or {"instance": instance, "devices": {}}
+        if mark.get("instance") != instance:
+            raise HostError(
+                f"{spec.address}: IOMMU group {info.iommu_group} is held by ixyd instance "
+                f"{mark.get('instance')!r} ({path}); all functions of a group belong to one "
+                "instance"
+            )
+        # marked before the bind, so the udev rule already matches the node's add event
+        # after a failed run the device is still on vfio-pci: keep what it had before that
+        before = mark["devices"].setdefault(
+            spec.address, {"driver": info.driver, "netdevs": list(info.netdevs)}
+        )
+        mark["give_back"] = config.give_back
+        _write_mark(path, mark)
+        try:
+            binding = bind_vfio(spec.address, force=config.force_bind, sysfs=sysfs)
+        except BaseException:
+            if sysfs.driver(spec.address) != VFIO_PCI:  # not taken: not ours to record
+                del mark["devices"][spec.address]
+                if mark["devices"]:
+                    _write_mark(path, mark)
+                else:
+                    os.unlink(path)
+            raise
+        bindings.append(binding)
+        _settle_udev()
+        _grant_group_node(os.path.join(dev_dir, str(info.iommu_group)), gid, group)
+        log.info(
+            "%s: on vfio-pci (was %s), %s/%d for group %s",
+            spec.address,
+            before["driver"] or "unbound",
+            dev_dir,
+            info.iommu_group,
+            group,
+        )
+    return bindings
+
+
+def _grant_group_node(node: str, gid: int, group: str) -> None:
+    deadline = time.monotonic() + NODE_TIMEOUT
+    while not os.path.exists(node):
+        if time.monotonic() >= deadline:
+            raise HostError(f"{node} did not appear within {NODE_TIMEOUT:g} s of the bind")
+        time.sleep(0.02)
+    try:
+        os.chown(node, 0, gid)
+        os.chmod(node, GROUP_NODE_MODE)
+    except OSError as exc:
+        raise HostError(f"cannot give group {group} access to {node}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- release
+def release_instance(
+    instance: str,
+    *,
+    sysfs: Sysfs | None = None,
+    dev_dir: str = DEV_VFIO,
+    mark_dir: str = MARK_DIR,
+) -> list[str]:
+    """Undo `prepare` for `instance`: every device it took from a kernel driver goes back
+    to it (unless give_back = false), the /dev/vfio node back to root 0600, the record is
+    removed. Returns the addresses given back. Devices that were unbound or already on
+    vfio-pci stay on vfio-pci. Raises PciBindError if the kernel refuses."""
+    sysfs = sysfs or Sysfs()
+    returned = []
+    for name in sorted(os.listdir(mark_dir)) if os.path.isdir(mark_dir) else []:
+        path = os.path.join(mark_dir, name)
+        if not name.isdigit():
+            continue
+        mark = _read_mark(path)
+        if mark is None or mark.get("instance") != instance:
+            continue
+        for address, before in sorted(mark["devices"].items()):
+            driver = before.get("driver")
+            if not mark.get("give_back", True) or driver in (None, VFIO_PCI):
+                continue
+            if sysfs.driver(address) != VFIO_PCI:
+                continue  # someone else moved it already
+            previous = Binding(address, driver, tuple(before.get("netdevs", ())), int(name))
+            netdevs = release(address, sysfs=sysfs, previous=previous)
+            log.info("%s: back on %s, interfaces %s", address, sysfs.driver(address), netdevs)
+            returned.append(address)
+        node = os.path.join(dev_dir, name)
+        with contextlib.suppress(FileNotFoundError):  # gone with the last vfio-pci device
+            os.chown(node, 0, 0)
+            os.chmod(node, 0o600)
+        os.unlink(path)
+    return returned
+
+
+# ---------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ixyd-host", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = commands.add_parser(
+        "install", help="install the systemd units, accounts, directories and udev rule"
+    )
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--root", default="/", help="install below this directory (offline)")
+    target.add_argument(
+        "--runtime", action="store_true", help="into /run (gone at reboot) instead of /etc"
+    )
+    p.add_argument(
+        "--tap", action="store_true", help="also allow the tap forwarding mode (CAP_NET_ADMIN)"
+    )
+    p.add_argument("--bin-dir", help=f"where ixyd and ixyd-host are (default {default_bin_dir()})")
+    p.add_argument(
+        "--no-apply", action="store_true", help="only write the files (no sysusers, tmpfiles, ...)"
+    )
+    p = commands.add_parser("prepare", help="bind an instance's NICs to vfio-pci (as root)")
+    p.add_argument("--group", default=DAEMON_GROUP, help="the daemon's group (default ixyd)")
+    p.add_argument("instance", help="the instance: a PCI address or a name in /etc/ixyd")
+    p = commands.add_parser("release", help="give an instance's NICs back to their drivers")
+    p.add_argument(
+        "--if-stopped-cleanly",
+        action="store_true",
+        help="only if $SERVICE_RESULT is success (ExecStopPost=): after a failure the NIC "
+        "stays on vfio-pci for the restart",
+    )
+    p.add_argument("instance")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="ixyd-host: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "install":
+            done = install(
+                args.root,
+                runtime=args.runtime,
+                tap=args.tap,
+                bin_dir=args.bin_dir,
+                apply=not args.no_apply,
+            )
+            for path in done.files:
+                print(f"installed {path}")
+            for command in done.commands:
+                print(f"ran {' '.join(command)}")
+        elif args.command == "prepare":
+            prepare(args.instance, args.group)
+        else:
+            result = os.environ.get("SERVICE_RESULT", "success")
+            if args.if_stopped_cleanly and result != "success":
+                log.info(
+                    "%s: stopped with result %s: its NICs stay on vfio-pci for the restart "
+                    "(`ixyd-host release %s` gives them back)",
+                    args.instance,
+                    result,
+                    args.instance,
+                )
+                return EXIT_OK
+            release_instance(args.instance)
+    except ConfigError as exc:
+        log.error("configuration: %s", exc)
+        return EXIT_CONFIG
+    except (HostError, PciBindError, IxydError) as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

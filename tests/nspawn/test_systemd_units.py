@@ -1,0 +1,195 @@
+"""ixyd under a real systemd 252 (issue 7, item 4; issue 5's journal fields).
+
+One container for the module (conftest.py): Debian bookworm with this checkout's wheel in
+/opt/ixyd, the units installed with `ixyd-host install` (the README's deploy command), and
+instance 0000:03:00.0 configured for two model ports. The tests run in file order and each
+sets up the state it needs: start with systemctl, socket activation from ixyd-ctl, the
+metrics endpoint, the watchdog killing a hung worker, journal fields, a clean stop.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from nspawn_harness import INSTANCE, METRICS, SERVICE, SOCKET
+
+pytestmark = pytest.mark.nspawn
+
+CTL = "/opt/ixyd/bin/ixyd-ctl"
+
+
+def ctl(container, *args: str, check: bool = True):
+    return container.run([CTL, "-i", INSTANCE, "--timeout", "10", *args], check=check)
+
+
+def active(container, unit: str) -> bool:
+    return container.show(unit, "ActiveState")["ActiveState"] == "active"
+
+
+def main_pid_status(container, pid: str) -> dict[str, str]:
+    text = container.run(["cat", f"/proc/{pid}/status"]).stdout
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in text.splitlines())}
+
+
+def test_install_creates_units_accounts_and_directories(container):
+    out = container.install.stdout
+    for path in (
+        "/etc/systemd/system/ixyd@.service",
+        "/etc/systemd/system/ixyd@.socket",
+        "/etc/sysusers.d/ixyd.conf",
+        "/etc/tmpfiles.d/ixyd.conf",
+        "/etc/udev/rules.d/70-ixyd-vfio.rules",
+    ):
+        assert f"installed {path}" in out
+    assert "ran systemctl daemon-reload" in out
+    container.run(["getent", "passwd", "ixyd"])
+    container.run(["getent", "group", "ixyd-ops"])
+    assert container.run(["stat", "-c", "%U %a", "/var/lib/ixyd"]).stdout.split() == [
+        "ixyd",
+        "750",
+    ]
+    unit = container.run(["systemctl", "cat", SERVICE]).stdout
+    assert "ExecStart=/opt/ixyd/bin/ixyd %i" in unit
+    assert "ExecStartPre=+/opt/ixyd/bin/ixyd-host prepare --group ixyd %i" in unit
+
+
+def test_systemctl_start_returns_once_ready_and_runs_unprivileged(container):
+    container.run(["systemctl", "start", SERVICE], timeout=60)
+    # Type=notify: start returns after READY=1, so the control socket answers at once
+    status = json.loads(ctl(container, "--json", "status").stdout)
+    assert status["state"] == "running" and status["ports"] == ["card.0", "card.1"]
+    shown = container.show(SERVICE, "MainPID", "StatusText", "Result", "Type", "WatchdogUSec")
+    assert shown["Type"] == "notify" and shown["WatchdogUSec"] == "3s"
+    assert "card.0 link up 10G" in shown["StatusText"]
+    proc = main_pid_status(container, shown["MainPID"])
+    uid = container.run(["id", "-u", "ixyd"]).stdout.strip()
+    assert proc["Uid"].split()[0] == uid  # User=ixyd ...
+    assert proc["CapEff"] == "0000000000000000" and proc["NoNewPrivs"] == "1"
+    assert proc["Seccomp"] == "2"  # SystemCallFilter=
+    journal = container.run(["journalctl", "-u", SERVICE, "--no-pager", "-o", "cat"]).stdout
+    assert "model ports only, nothing to bind" in journal  # ... ExecStartPre=+ as root
+
+
+def test_status_text_shows_link_and_rates(container):
+    container.run(["systemctl", "start", SERVICE], timeout=60)
+
+    def rates():
+        text = container.show(SERVICE, "StatusText")["StatusText"]
+        return text if re.search(r"card\.0 link up 10G, rx [\d.]+ k?pps, tx", text) else None
+
+    text = container.wait_for(rates, "STATUS= with rates", timeout=15)
+    assert "card.1 link up 10G, rx" in text
+
+
+def test_ixyd_ctl_starts_the_instance_through_its_socket(container):
+    container.run(["systemctl", "stop", SERVICE], timeout=60)
+    container.run(["systemctl", "start", SOCKET])
+    assert not active(container, SERVICE)
+    listing = container.run(["stat", "-c", "%A %U %G", f"/run/ixyd/{INSTANCE}.sock"]).stdout
+    assert listing.split() == ["srw-rw----", "root", "ixyd-ops"]
+
+    out = ctl(container, "set-forward", "card.0", "reflect", "--swap-mac").stdout
+    assert out.strip() == "card.0: forwarding reflect, swap MAC"
+    assert active(container, SERVICE)
+    journal = container.run(["journalctl", "-u", SERVICE, "--no-pager", "-o", "cat"]).stdout
+    assert "control: using the socket-activated fd" in journal
+    forward = json.loads(ctl(container, "--json", "get-forward", "card.0").stdout)
+    assert forward["ports"][0]["forward"] == {"mode": "reflect", "swap_mac": True}
+
+
+def test_metrics_are_scraped_inside_the_container(container):
+    container.run(["systemctl", "start", SERVICE], timeout=60)
+    scrape = (
+        "import urllib.request;"
+        f"print(urllib.request.urlopen('http://{METRICS}/metrics', timeout=5).read().decode())"
+    )
+
+    def body():
+        done = container.run(["/opt/ixyd/bin/python", "-c", scrape], check=False)
+        return done.stdout if done.returncode == 0 else None
+
+    text = container.wait_for(body, "the metrics endpoint", timeout=15)
+    received = [
+        line
+        for line in text.splitlines()
+        if line.startswith("ixyd_") and "card.0" in line and "receive_packets_total" in line
+    ]
+    assert received, text[:2000]
+
+
+def test_a_hung_worker_is_killed_by_the_watchdog_and_restarted(container):
+    container.run(["systemctl", "start", SERVICE], timeout=60)
+    before = container.show(SERVICE, "MainPID", "NRestarts")
+    out = ctl(container, "debug", "stall-worker", "--worker", "1").stdout
+    assert "stalled" in out
+
+    def killed_and_back():
+        now = container.show(SERVICE, "MainPID", "NRestarts", "ActiveState")
+        restarted = int(now["NRestarts"]) > int(before["NRestarts"])
+        if restarted and now["ActiveState"] == "active" and now["MainPID"] != before["MainPID"]:
+            return now
+        return None
+
+    container.wait_for(killed_and_back, "a watchdog restart", timeout=45)
+    journal = container.run(["journalctl", "-u", SERVICE, "--no-pager", "-o", "cat"]).stdout
+    assert f"Killing process {before['MainPID']} (ixyd) with signal SIGABRT" in journal
+    assert "Watchdog timeout (limit 3s)!" in journal
+    assert "withholding the watchdog ping" in journal  # the daemon said which worker
+    assert "stay on vfio-pci for the restart" in journal  # ExecStopPost saw the failure
+    status = json.loads(ctl(container, "--json", "status").stdout)
+    assert status["state"] == "running"
+    # the forwarding set over the socket before the crash survived it (state file)
+    forward = json.loads(ctl(container, "--json", "get-forward", "card.0").stdout)
+    assert forward["ports"][0]["forward"]["mode"] == "reflect"
+
+
+def test_journal_entries_carry_instance_and_device_fields(container):
+    container.run(["systemctl", "start", SERVICE], timeout=60)
+    lines = container.run(
+        ["journalctl", "-u", SERVICE, "-o", "json", "--no-pager", "_COMM=ixyd"]
+    ).stdout.splitlines()
+    entries = [json.loads(line) for line in lines]
+    daemon = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "ixyd"]
+    assert daemon and all(e.get("INSTANCE") == INSTANCE for e in daemon)
+    bring_up = [e for e in daemon if e["MESSAGE"] == "card.1: bringing up (model backend)"]
+    assert bring_up and bring_up[-1]["DEVICE"] == "card.1"
+    assert {e["PRIORITY"] for e in daemon} >= {"6"}  # INFO maps to syslog priority 6
+
+
+def test_tap_mode_needs_the_tap_drop_in_and_works_with_it(container):
+    container.run(["chmod", "0666", "/dev/net/tun"])  # what udev does on a real host
+    container.run(["systemctl", "start", SERVICE], timeout=60)
+    refused = ctl(container, "set-forward", "card.1", "tap", "ixyd0", check=False)
+    assert refused.returncode == 1 and "CAP_NET_ADMIN" in refused.stderr, refused
+    try:
+        container.run(["/opt/ixyd/bin/ixyd-host", "install", "--tap"])
+        container.run(["systemctl", "restart", SERVICE], timeout=60)
+        assert ctl(container, "set-forward", "card.1", "tap", "ixyd0").returncode == 0
+        container.run(["ip", "link", "show", "ixyd0"])
+        ctl(container, "set-forward", "card.1", "port", "card.0")
+        assert container.run(["ip", "link", "show", "ixyd0"], check=False).returncode != 0
+    finally:
+        container.run(["/opt/ixyd/bin/ixyd-host", "install"])
+        container.run(["systemctl", "restart", SERVICE], timeout=60)
+
+
+def test_stop_leaves_nothing_behind(container):
+    container.run(["systemctl", "start", SERVICE], timeout=60)
+    pid = container.show(SERVICE, "MainPID")["MainPID"]
+    container.run(["systemctl", "stop", SOCKET, SERVICE], timeout=60)
+    shown = container.show(SERVICE, "ActiveState", "Result", "ControlGroup")
+    assert shown["ActiveState"] == "inactive" and shown["Result"] == "success", shown
+    assert container.show(SOCKET, "ActiveState")["ActiveState"] == "inactive"
+    assert container.run(["pgrep", "-u", "ixyd"], check=False).returncode == 1  # no process
+    assert container.run(["test", "-e", f"/run/ixyd/{INSTANCE}.sock"], check=False).returncode
+    assert container.run(["ls", "-A", "/run/ixyd/vfio", "/dev/shm"]).stdout.split() == [
+        "/dev/shm:",
+        "/run/ixyd/vfio:",
+    ]
+    journal = container.run(
+        ["journalctl", "-u", SERVICE, "--no-pager", "-o", "cat", f"_PID={pid}"]
+    ).stdout
+    assert re.search(r"model card card: \d+ DMA mappings at exit, 0 remain", journal), journal
+    assert "instance 0000:03:00.0 stopped" in journal

@@ -1,0 +1,279 @@
+"""The systemd units and `ixyd-host` (issue 7, items 1 and 3), without booting systemd.
+
+- `ixyd-host install --root` writes the units, sysusers.d, tmpfiles.d and the udev rule
+  into a scratch root and applies them offline (systemd-sysusers/-tmpfiles --root).
+- `systemd-analyze verify` on the installed template under an instance name with colons
+  (ecosystem.md 3.7: FILE:ALIAS, --man=no, and any stderr is a failure since parse errors
+  only warn), and `systemd-analyze security --offline=yes` with an exposure of at most 3.0.
+- `ixyd-host prepare` / `release` against a fake sysfs (test_pci.FakeKernel): the
+  privileged ExecStartPre=+ binds to vfio-pci and hands /dev/vfio/<group> to the daemon's
+  group; the daemon's own bind_vfio on the bound device then only checks; release gives it
+  back; an instance of model ports is a no-op.
+The same units under a running systemd: tests/nspawn/.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+
+import pytest
+from test_pci import FakeKernel, bind, make_device
+
+import ixyd.config
+import ixyd.host
+import ixyd.pci
+from ixyd.host import HostError, install, prepare, release_instance
+from ixyd.pci import bind_vfio
+
+INSTANCE = "0000:03:00.0"
+BIN_DIR = "/opt/ixyd/bin"
+MAX_EXPOSURE = 3.0
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+@pytest.fixture(scope="module")
+def unit_root(tmp_path_factory):
+    """A scratch root with the installed units, what verify needs to resolve them (the
+    distribution's units for sysinit.target and friends, /bin/kill of ExecReload=) and
+    stand-ins for the executables the units name."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    root = tmp_path_factory.mktemp("root")
+    shutil.copytree("/lib/systemd/system", root / "lib/systemd/system", symlinks=True)
+    (root / "bin").mkdir()
+    shutil.copy("/bin/kill", root / "bin" / "kill")
+    (root / BIN_DIR.lstrip("/")).mkdir(parents=True)
+    for program in ("ixyd", "ixyd-host"):
+        path = root / BIN_DIR.lstrip("/") / program
+        path.write_text("#!/bin/sh\nexit 0\n")
+        path.chmod(0o755)
+    return root
+
+
+def analyze(root, *args: str) -> subprocess.CompletedProcess:
+    units = root / "etc/systemd/system"
+    return subprocess.run(
+        [
+            "systemd-analyze",
+            *args,
+            f"--root={root}",
+            f"{units}/ixyd@.service:ixyd@{INSTANCE}.service",
+            *([f"{units}/ixyd@.socket:ixyd@{INSTANCE}.socket"] if args[0] == "verify" else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def exposure(root) -> float:
+    done = analyze(root, "security", "--offline=yes", "--no-pager")
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    return float(found.group(1))
+
+
+@needs_root
+def test_install_writes_the_units_with_the_bin_dir_and_creates_the_accounts(unit_root):
+    done = install(str(unit_root), bin_dir=BIN_DIR)
+    units = unit_root / "etc/systemd/system"
+    service = (units / "ixyd@.service").read_text()
+    assert "@BINDIR@" not in service
+    assert f"ExecStart={BIN_DIR}/ixyd %i" in service
+    assert f"ExecStartPre=+{BIN_DIR}/ixyd-host prepare --group ixyd %i" in service
+    assert (unit_root / "etc/udev/rules.d/70-ixyd-vfio.rules").exists()
+    assert ("systemd-sysusers", f"--root={unit_root}", "ixyd.conf") in done.commands
+    passwd = (unit_root / "etc/passwd").read_text()
+    group = (unit_root / "etc/group").read_text()
+    assert re.search(r"^ixyd:x:\d+:\d+:.*:/var/lib/ixyd:/usr/sbin/nologin$", passwd, re.M)
+    assert re.search(r"^ixyd-ops:x:\d+:$", group, re.M)
+    state = (unit_root / "var/lib/ixyd").stat()
+    assert stat.S_IMODE(state.st_mode) == 0o750
+    assert (unit_root / "run/ixyd/vfio").is_dir()
+
+
+@needs_root
+def test_systemd_analyze_verify_accepts_the_template_under_a_pci_address(unit_root):
+    install(str(unit_root), bin_dir=BIN_DIR, apply=False)
+    done = analyze(unit_root, "verify", "--man=no")
+    assert done.returncode == 0 and done.stderr == "" and done.stdout == "", done
+
+
+@needs_root
+def test_systemd_analyze_verify_catches_a_bad_setting(unit_root, tmp_path):
+    """The check above can fail: a typo that systemd only warns about fails it."""
+    install(str(unit_root), bin_dir=BIN_DIR, apply=False)
+    service = unit_root / "etc/systemd/system/ixyd@.service"
+    good = service.read_text()
+    try:
+        service.write_text(good.replace("WatchdogSec=10s", "WatchdogSec=banana"))
+        done = analyze(unit_root, "verify", "--man=no")
+        assert done.returncode == 0  # a parse error is only a warning...
+        assert "banana" in done.stderr  # ...on stderr, which the verify test rejects
+    finally:
+        service.write_text(good)
+
+
+@needs_root
+def test_exposure_score_is_at_most_3(unit_root):
+    install(str(unit_root), bin_dir=BIN_DIR, apply=False)
+    assert exposure(unit_root) <= MAX_EXPOSURE
+
+
+@needs_root
+def test_tap_drop_in_verifies_and_keeps_the_score_at_most_3(unit_root):
+    try:
+        install(str(unit_root), bin_dir=BIN_DIR, tap=True, apply=False)
+        drop_in = unit_root / "etc/systemd/system/ixyd@.service.d/50-tap.conf"
+        assert "CAP_NET_ADMIN" in drop_in.read_text()
+        done = analyze(unit_root, "verify", "--man=no")
+        assert done.returncode == 0 and done.stderr == "", done
+        tap_score = exposure(unit_root)
+        assert tap_score <= MAX_EXPOSURE
+    finally:
+        install(str(unit_root), bin_dir=BIN_DIR, apply=False)  # without --tap: removed
+    assert not drop_in.exists()
+    assert exposure(unit_root) < tap_score
+
+
+def test_install_refuses_a_bin_dir_without_ixyd(tmp_path):
+    with pytest.raises(HostError, match="not an executable"):
+        install(str(tmp_path), bin_dir="/nowhere/bin", apply=False)
+
+
+# ---------------------------------------------------------------------------- prepare/release
+GROUP = 21
+
+
+@pytest.fixture
+def host(tmp_path, monkeypatch):
+    """One 82599 port on ixgbe, alone in IOMMU group 21; /etc/ixyd and /dev/vfio in tmp."""
+    root = tmp_path / "sys"
+    for driver in ("ixgbe", "vfio-pci"):
+        d = root / "bus" / "pci" / "drivers" / driver
+        d.mkdir(parents=True)
+        (d / "unbind").write_text("")
+    (root / "bus" / "pci" / "drivers_probe").write_text("")
+    make_device(root, INSTANCE, group=GROUP)
+    kernel = FakeKernel(str(root), {INSTANCE: "ixgbe"})
+    bind(kernel, INSTANCE, "ixgbe")
+    config_dir = tmp_path / "etc"
+    config_dir.mkdir()
+    monkeypatch.setattr(ixyd.config, "CONFIG_DIR", str(config_dir))
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / str(GROUP)).write_text("")  # the node vfio-pci makes (here: before the bind)
+    os.chmod(dev / str(GROUP), 0o600)
+    ixyd.pci._bindings.clear()
+    yield kernel, config_dir, dev, tmp_path / "marks"
+    ixyd.pci._bindings.clear()
+
+
+def a_group() -> grp.struct_group:
+    return grp.getgrgid(os.getgid())
+
+
+def test_prepare_binds_to_vfio_pci_and_gives_the_daemon_group_the_node(host):
+    kernel, _, dev, marks = host
+    group = a_group()
+    bindings = prepare(INSTANCE, group.gr_name, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks))
+    assert [b.original_driver for b in bindings] == ["ixgbe"]
+    assert kernel.driver(INSTANCE) == "vfio-pci"
+    override = f"bus/pci/devices/{INSTANCE}/driver_override"
+    assert (override, "vfio-pci") in kernel.writes
+    node = (dev / str(GROUP)).stat()
+    assert node.st_gid == group.gr_gid and stat.S_IMODE(node.st_mode) == 0o660
+    mark = json.loads((marks / str(GROUP)).read_text())
+    assert mark == {
+        "instance": INSTANCE,
+        "devices": {INSTANCE: {"driver": "ixgbe", "netdevs": ["ixfake0"]}},
+        "give_back": True,
+    }
+
+    # the daemon (unprivileged, /sys read-only) finds it bound: a check, no write
+    ixyd.pci._bindings.clear()
+    writes = len(kernel.writes)
+    assert bind_vfio(INSTANCE, sysfs=kernel).original_driver is None
+    assert len(kernel.writes) == writes
+
+    # a restart after a failure: still bound, the record of the original driver is kept
+    prepare(INSTANCE, group.gr_name, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks))
+    assert json.loads((marks / str(GROUP)).read_text()) == mark
+
+    assert release_instance(INSTANCE, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks)) == [
+        INSTANCE
+    ]
+    assert kernel.driver(INSTANCE) == "ixgbe"
+    assert not (marks / str(GROUP)).exists()
+    node = (dev / str(GROUP)).stat()
+    assert node.st_gid == 0 and stat.S_IMODE(node.st_mode) == 0o600
+
+
+def test_prepare_refuses_a_group_another_instance_holds(host):
+    kernel, config_dir, dev, marks = host
+    (config_dir / "other.toml").write_text(f'[[port]]\naddress = "{INSTANCE}"\n')
+    prepare(INSTANCE, a_group().gr_name, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks))
+    with pytest.raises(HostError, match=f"held by ixyd instance '{INSTANCE}'"):
+        prepare("other", a_group().gr_name, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks))
+
+
+def test_prepare_refuses_a_nic_in_use_and_leaves_no_record(host, monkeypatch):
+    kernel, _, dev, marks = host
+
+    def in_use(address, ifnames, *, force=False, netns=None):
+        raise ixyd.pci.NetdevInUseError(f"{address} is in use by the kernel: ixfake0 is up")
+
+    monkeypatch.setattr(ixyd.pci, "check_netdevs_idle", in_use)
+    with pytest.raises(ixyd.pci.NetdevInUseError):
+        prepare(INSTANCE, a_group().gr_name, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks))
+    assert kernel.driver(INSTANCE) == "ixgbe" and kernel.writes == []
+    assert not (marks / str(GROUP)).exists()
+
+
+def test_give_back_false_leaves_the_device_on_vfio_pci(host):
+    kernel, config_dir, dev, marks = host
+    (config_dir / f"{INSTANCE}.toml").write_text(
+        f'give_back = false\n[[port]]\naddress = "{INSTANCE}"\n'
+    )
+    prepare(INSTANCE, a_group().gr_name, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks))
+    assert release_instance(INSTANCE, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks)) == []
+    assert kernel.driver(INSTANCE) == "vfio-pci"
+    assert not (marks / str(GROUP)).exists()
+
+
+def test_prepare_of_model_ports_does_nothing(host):
+    kernel, config_dir, dev, marks = host
+    (config_dir / f"{INSTANCE}.toml").write_text('[[port]]\naddress = "card.0"\n')
+    assert prepare(INSTANCE, "no-such-group", sysfs=kernel, mark_dir=str(marks)) == []
+    assert kernel.writes == [] and not marks.exists()
+
+
+def test_prepare_names_a_missing_group(host):
+    kernel, _, dev, marks = host
+    with pytest.raises(HostError, match="group 'no-such-group' does not exist"):
+        prepare(INSTANCE, "no-such-group", sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks))
+    assert kernel.writes == []
+
+
+def test_release_after_a_failure_keeps_the_nic_for_the_restart(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ixyd.host, "release_instance", lambda instance: calls.append(instance))
+    monkeypatch.setenv("SERVICE_RESULT", "watchdog")
+    assert ixyd.host.main(["release", "--if-stopped-cleanly", INSTANCE]) == 0
+    assert calls == []
+    monkeypatch.setenv("SERVICE_RESULT", "success")
+    assert ixyd.host.main(["release", "--if-stopped-cleanly", INSTANCE]) == 0
+    assert calls == [INSTANCE]
+
+
+def test_prepare_reports_a_bad_configuration_with_exit_2(host, caplog):
+    _, config_dir, _, _ = host
+    (config_dir / f"{INSTANCE}.toml").write_text("[[port]]\naddress = 3\n")
+    assert ixyd.host.main(["prepare", INSTANCE]) == 2
+    assert "port[0].address is required" in caplog.text
