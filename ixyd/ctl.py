@@ -222,9 +222,10 @@ def _socket_permission_hint(path: str) -> str:
     except KeyError:
         owner = str(st.st_uid)
     mode = stat.S_IMODE(st.st_mode)
+    who = "root" if owner == "root" else f"root or {owner}"
     return (
         f"permission denied connecting to {path} (owner {owner}, group {group}, mode {mode:04o}): "
-        f"run as root or {owner}, or join group '{group}'"
+        f"run as {who}, or join group '{group}'"
     )
 
 
