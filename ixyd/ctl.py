@@ -588,9 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument(
         "-w", "--write", required=True, metavar="FILE", help="the pcap file; - for stdout"
     )
-    capture.add_argument(
-        "-c", "--count", type=parse_count, metavar="N", help="stop after N frames"
-    )
+    capture.add_argument("-c", "--count", type=parse_count, metavar="N", help="stop after N frames")
     capture.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     capture.add_argument(
         "-s", "--snaplen", type=int, metavar="BYTES", help="bytes kept per frame (14..2048)"

@@ -610,9 +610,7 @@ class Worker:
         memory. settings as for `generate`. Raises ConfigError when txq never had a
         generator, TimeoutError when a running worker does not finish its round."""
         self.stop_generator(txq)  # a running one becomes the last stopped
-        old = next(
-            (g for g in reversed(self._retired) if g.txq is txq and not g.handed_over), None
-        )
+        old = next((g for g in reversed(self._retired) if g.txq is txq and not g.handed_over), None)
         if self.closed or old is None:
             raise ConfigError(f"{_describe(txq)} has no stopped generator in {self.name!r}")
         # the template is ours again once the worker began a round after the stop: the

@@ -392,9 +392,7 @@ def test_model_ports_wired_to_kernel_taps_forward_between_namespaces(run_dir, da
     taps = [f"ixw{uuid.uuid4().hex[:8]}", f"ixw{uuid.uuid4().hex[:8]}"]
     config = Path(run_dir) / "tapwired.toml"
     config.write_text(
-        TAP_WIRED_CONFIG.format(
-            instance=instance, state_dir=run_dir, tap_a=taps[0], tap_b=taps[1]
-        )
+        TAP_WIRED_CONFIG.format(instance=instance, state_dir=run_dir, tap_a=taps[0], tap_b=taps[1])
     )
     d = Daemon(run_dir, [instance, "--config", str(config)], instance)
     daemons.append(d)
