@@ -31,3 +31,8 @@ class IovaExhaustedError(DmaError):
 
 class ConfigError(IxydError):
     """A configuration value is invalid."""
+
+
+# Exit statuses of the daemon and of `ixyd-host`. ixyd@.service does not restart after
+# EXIT_CONFIG (RestartPreventExitStatus=): the same configuration fails the same way.
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2

@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import grp
+import importlib.util
 import json
 import logging
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import load
-from .errors import ConfigError, IxydError
+from .errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, IxydError
 from .pci import VFIO_PCI, Binding, PciBindError, PciDeviceInfo, Sysfs, bind_vfio, release
 
 log = logging.getLogger("ixyd.host")
@@ -48,7 +50,7 @@ DEV_VFIO = "/dev/vfio"
 GROUP_NODE_MODE = 0o660
 NODE_TIMEOUT = 5.0  # seconds for /dev/vfio/<group> to appear after the bind
 SETTLE_TIMEOUT = 10  # seconds `udevadm settle` may wait for udev to handle the bind
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
 
 # What `install` writes: (source relative to the share dir, destination dir key, file name)
 UNIT_FILES = ("systemd/ixyd@.service", "systemd/ixyd@.socket")
@@ -67,6 +69,16 @@ DeviceAllow=/dev/net/tun rw
 RestrictAddressFamilies=AF_NETLINK
 """
 TAP_DROP_IN_NAME = "ixyd@.service.d/50-tap.conf"
+# ixyd@.service has ProtectHome=yes: the daemon sees these as empty (or not at all), so an
+# ixyd, Python or package below them fails the unit with 203/EXEC or an ImportError.
+HIDDEN_FROM_DAEMON = ("/root", "/home", "/run/user")
+# What the daemon imports besides the standard library (pyproject dependencies).
+DAEMON_MODULES = ("ixyd", "_cffi_backend", "prometheus_client", "pyroute2", "systemd")
+# ExecStopPost= sees the main process' exit status in $EXIT_STATUS. systemd's own codes
+# (systemd.exec(5), "Process exit codes": 200 CHDIR .. 243 CREDENTIALS) mean it could not
+# start the daemon, and ixyd's EXIT_CONFIG a configuration it refused: restarting does not
+# help (the unit's RestartPreventExitStatus=), so the NICs go back to their drivers.
+SYSTEMD_EXEC_STATUSES = range(200, 244)
 
 # Where the files go: persistent (/etc, for a system a package manager does not own)
 # or runtime (/run, gone at reboot; for read-only roots and throwaway test machines).
@@ -144,6 +156,15 @@ def install(
                 f"{path} is not an executable: the units run ixyd from {bin_dir}; pass "
                 "--bin-dir with the directory that has ixyd and ixyd-host"
             )
+    problems = daemon_cannot_run(root, bin_dir)
+    if problems:
+        raise HostError(
+            f"the daemon could not run from {bin_dir}: ixyd@.service runs it as user "
+            f"{DAEMON_GROUP} with ProtectHome=yes, which hides {', '.join(HIDDEN_FROM_DAEMON)}"
+            ":\n  " + "\n  ".join(problems) + "\nInstall ixyd into a venv made from a system "
+            "Python outside those directories, e.g. `/usr/bin/python3 -m venv /opt/ixyd && "
+            "/opt/ixyd/bin/pip install ixyd`, and run /opt/ixyd/bin/ixyd-host install."
+        )
     source = share_dir()
     where = DESTINATIONS["run" if runtime else "etc"]
     written = []
@@ -171,6 +192,102 @@ def install(
     for command in commands:
         _run(command)
     return Installed(tuple(written), tuple(tuple(c) for c in commands))
+
+
+def _resolve_below(root: str, path: str) -> str:
+    """`path` (absolute, as the daemon sees it) with its symbolic links followed inside
+    `root`, as far as they exist there; returned as the daemon sees it."""
+    parts = [p for p in path.split("/") if p]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        if part == ".":
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        if os.path.islink(candidate) and hops < 40:
+            hops += 1
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        resolved.append(part)
+    return "/" + "/".join(resolved)
+
+
+def why_daemon_cannot_reach(path: str, root: str = "/", execute: bool = False) -> str | None:
+    """Why user ixyd under ixyd@.service's sandbox cannot read (or `execute`) `path`
+    (absolute, as seen from inside `root`), or None: a path below HIDDEN_FROM_DAEMON
+    (symbolic links followed), or a directory on the way that others may not enter, or a
+    file others may not read or run. Paths that do not exist below `root` are only checked
+    by name."""
+    real = _resolve_below(root, path)
+    for hidden in HIDDEN_FROM_DAEMON:
+        if real == hidden or real.startswith(hidden + "/"):
+            shown = path if real == path else f"{path} (that is {real})"
+            return f"{shown} is below {hidden}"
+    on_disk = os.path.join(root, real.lstrip("/"))
+    if not os.path.exists(on_disk):
+        return None
+    directory = os.path.dirname(real)
+    while directory != "/":  # (not / itself: a scratch root's top may be private)
+        mode = os.stat(os.path.join(root, directory.lstrip("/"))).st_mode
+        if not mode & stat.S_IXOTH:
+            return f"{directory} (on the way to {path}) may not be entered by others"
+        directory = os.path.dirname(directory)
+    mode = os.stat(on_disk).st_mode
+    if not mode & stat.S_IROTH:
+        return f"{real} may not be read by others"
+    if execute and not mode & stat.S_IXOTH:
+        return f"{real} may not be run by others"
+    return None
+
+
+def _interpreter(script: str) -> str | None:
+    """The program a script's #! line names, or None for a binary or a relative name."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    return words[0] if words and words[0].startswith("/") else None
+
+
+def daemon_cannot_run(root: str, bin_dir: str) -> list[str]:
+    """What keeps the units' ExecStart= from running (see why_daemon_cannot_reach): the
+    programs in bin_dir, their interpreter and, when bin_dir is this installation's, the
+    standard library and the modules the daemon imports. Empty when all is well."""
+    programs, paths = [], []
+    for program in ("ixyd", "ixyd-host"):
+        path = os.path.join(bin_dir, program)
+        programs.append(path)
+        interpreter = _interpreter(os.path.join(root, path.lstrip("/")))
+        if interpreter:
+            programs.append(interpreter)
+    this_installation = os.path.realpath(root) == "/" and os.path.realpath(
+        bin_dir
+    ) == os.path.realpath(default_bin_dir())
+    if this_installation:
+        paths.append(sysconfig.get_path("stdlib"))
+        for name in DAEMON_MODULES:
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.origin not in (None, "built-in", "frozen"):
+                paths.append(spec.origin)
+    problems = []
+    checks = [(p, True) for p in dict.fromkeys(programs)] + [(p, False) for p in paths]
+    for path, execute in checks:
+        problem = why_daemon_cannot_reach(path, root, execute)
+        if problem and problem not in problems:
+            problems.append(problem)
+    return problems
 
 
 def _apply_commands(root: str, runtime: bool) -> list[list[str]]:
@@ -382,6 +499,25 @@ def release_instance(
     return returned
 
 
+def restart_may_follow(environ) -> bool:
+    """Whether ExecStopPost= should keep the NICs on vfio-pci for a restart, from what
+    systemd tells it: not after a clean stop, not when the daemon never ran (prepare
+    failed: $EXIT_CODE is unset; or systemd could not start it: a 2xx status, the
+    executable or the sandbox is wrong) and not after ixyd refused its configuration (the
+    unit prevents that restart); yes after a crash, a watchdog kill or a device error.
+    A restart binds the NICs again (prepare), so giving back too eagerly costs only time."""
+    if environ.get("SERVICE_RESULT", "success") == "success":
+        return False
+    if not environ.get("EXIT_CODE"):  # no main process: ExecStartPre= (prepare) failed
+        return False
+    status = environ.get("EXIT_STATUS", "")
+    if environ.get("EXIT_CODE") == "exited" and status.isdigit():
+        code = int(status)
+        if code == EXIT_CONFIG or code in SYSTEMD_EXEC_STATUSES:
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ixyd-host", description=__doc__.splitlines()[0])
@@ -408,8 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--if-stopped-cleanly",
         action="store_true",
-        help="only if $SERVICE_RESULT is success (ExecStopPost=): after a failure the NIC "
-        "stays on vfio-pci for the restart",
+        help="as ExecStopPost=: keep the NICs on vfio-pci when systemd will restart the "
+        "daemon after a failure ($SERVICE_RESULT, $EXIT_CODE, $EXIT_STATUS)",
     )
     p.add_argument("instance")
     return parser
@@ -434,17 +570,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "prepare":
             prepare(args.instance, args.group)
         else:
-            result = os.environ.get("SERVICE_RESULT", "success")
-            if args.if_stopped_cleanly and result != "success":
+            keep = args.if_stopped_cleanly and restart_may_follow(os.environ)
+            if keep:
                 log.info(
                     "%s: stopped with result %s: its NICs stay on vfio-pci for the restart "
                     "(`ixyd-host release %s` gives them back)",
                     args.instance,
-                    result,
+                    os.environ.get("SERVICE_RESULT"),
                     args.instance,
                 )
                 return EXIT_OK
-            release_instance(args.instance)
+            released = release_instance(args.instance)
+            log.info("%s: gave back %s", args.instance, ", ".join(released) or "no NIC")
     except ConfigError as exc:
         log.error("configuration: %s", exc)
         return EXIT_CONFIG

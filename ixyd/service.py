@@ -48,7 +48,14 @@ from .control import IXYD_METHODS, ControlServer, ErrorCode, RpcError, Stream
 from .drivers import igb, ixgbe
 from .drivers.port import IntelPort
 from .drivers.rings import Mempool, RxQueue
-from .errors import ConfigError, IxydError, UnsupportedDeviceError
+from .errors import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    ConfigError,
+    IxydError,
+    UnsupportedDeviceError,
+)
 from .metrics import IxydCollector, MetricsError, MetricsServer
 from .sdnotify import Notifier, ProgressWatchdog, status_text
 from .state import StateStore
@@ -67,7 +74,7 @@ BROADCAST = b"\xff" * 6
 # per-RX-queue worker counters added to a port's `counters`: every drop and exception
 # counter of the worker; packets and bytes come from the driver, `sent` is `forwarded`
 WORKER_COUNTERS = tuple(f for f in QUEUE_STATS_FIELDS if f not in ("packets", "bytes", "sent"))
-EXIT_OK, EXIT_CONFIG, EXIT_DEVICE = 0, 2, 1
+EXIT_DEVICE = EXIT_FAILED  # the device or the host refused: a restart may help
 INIT_TIMEOUT_MARGIN = 15.0  # seconds a port's init may take besides its link wait (systemd)
 
 

@@ -21,6 +21,8 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
+import sysconfig
 
 import pytest
 from test_pci import FakeKernel, bind, make_device
@@ -147,6 +149,61 @@ def test_install_refuses_a_bin_dir_without_ixyd(tmp_path):
         install(str(tmp_path), bin_dir="/nowhere/bin", apply=False)
 
 
+def scripts(root, bin_dir: str, interpreter: str) -> None:
+    where = root / bin_dir.lstrip("/")
+    where.mkdir(parents=True, exist_ok=True)
+    for program in ("ixyd", "ixyd-host"):
+        (where / program).write_text(f"#!{interpreter}\nimport sys\n")
+        (where / program).chmod(0o755)
+
+
+def test_install_refuses_programs_the_sandboxed_daemon_cannot_see(tmp_path):
+    """ProtectHome=yes hides /root, /home and /run/user from the daemon, and it runs as
+    user ixyd: a unit that points there fails with 203/EXEC while ExecStartPre=+ (outside
+    the sandbox) has already bound the NIC. install refuses, naming the path and why."""
+    scripts(tmp_path, "/home/alice/venv/bin", "/home/alice/venv/bin/python3")
+    with pytest.raises(HostError, match=r"/home/alice/venv/bin/ixyd is below /home") as e:
+        install(str(tmp_path), bin_dir="/home/alice/venv/bin", apply=False)
+    assert "/opt/ixyd" in str(e.value)  # and says what to do instead
+    assert not (tmp_path / "etc").exists()  # nothing installed
+
+    # a venv outside /root whose python is a link into /root (pyenv): the interpreter
+    (tmp_path / "root/.pyenv/bin").mkdir(parents=True)
+    (tmp_path / "root/.pyenv/bin/python3.11").write_text("")
+    (tmp_path / "opt/ixyd/bin").mkdir(parents=True)
+    (tmp_path / "opt/ixyd/bin/python3").symlink_to("/root/.pyenv/bin/python3.11")
+    scripts(tmp_path, "/opt/ixyd/bin", "/opt/ixyd/bin/python3")
+    with pytest.raises(HostError, match=r"python3 \(that is /root/\.pyenv/bin/python3\.11\)"):
+        install(str(tmp_path), bin_dir="/opt/ixyd/bin", apply=False)
+
+    # a directory on the way that others may not enter (a venv made under umask 077)
+    scripts(tmp_path, "/srv/private/bin", "/usr/bin/python3")
+    (tmp_path / "srv/private").chmod(0o700)
+    with pytest.raises(HostError, match="/srv/private .*may not be entered by others"):
+        install(str(tmp_path), bin_dir="/srv/private/bin", apply=False)
+
+    scripts(tmp_path, "/srv/shared/bin", "/usr/bin/python3")
+    install(str(tmp_path), bin_dir="/srv/shared/bin", apply=False)
+    assert (tmp_path / "etc/systemd/system/ixyd@.service").exists()
+
+
+def test_install_checks_this_installations_python_and_packages():
+    """For the running installation the check covers its Python and the packages the daemon
+    imports: here (a venv of a Python in /root, the checkout in /work) what it finds is
+    exactly what is below /root."""
+    problems = ixyd.host.daemon_cannot_run("/", ixyd.host.default_bin_dir())
+    below_root = [
+        p
+        for p in (os.path.realpath(sys.executable), sysconfig.get_path("stdlib"))
+        if os.path.realpath(p).startswith(("/root/", "/home/"))
+    ]
+    assert len(problems) >= len(below_root)
+    for path in below_root:
+        assert any(os.path.realpath(path) in problem for problem in problems), problems
+    if not below_root:
+        assert problems == []
+
+
 # ---------------------------------------------------------------------------- prepare/release
 GROUP = 21
 
@@ -261,15 +318,32 @@ def test_prepare_names_a_missing_group(host):
     assert kernel.writes == []
 
 
-def test_release_after_a_failure_keeps_the_nic_for_the_restart(monkeypatch):
+@pytest.mark.parametrize(
+    "environment, released",
+    [
+        ({"SERVICE_RESULT": "success", "EXIT_CODE": "exited", "EXIT_STATUS": "0"}, True),
+        ({"SERVICE_RESULT": "watchdog", "EXIT_CODE": "dumped", "EXIT_STATUS": "ABRT"}, False),
+        ({"SERVICE_RESULT": "signal", "EXIT_CODE": "killed", "EXIT_STATUS": "KILL"}, False),
+        ({"SERVICE_RESULT": "exit-code", "EXIT_CODE": "exited", "EXIT_STATUS": "1"}, False),
+        # the daemon never ran (prepare failed), or systemd could not exec it, or it
+        # refused its configuration (no restart follows)
+        ({"SERVICE_RESULT": "exit-code"}, True),
+        ({"SERVICE_RESULT": "exit-code", "EXIT_CODE": "exited", "EXIT_STATUS": "2"}, True),
+        ({"SERVICE_RESULT": "exit-code", "EXIT_CODE": "exited", "EXIT_STATUS": "203"}, True),
+        ({"SERVICE_RESULT": "exit-code", "EXIT_CODE": "exited", "EXIT_STATUS": "226"}, True),
+    ],
+)
+def test_release_keeps_the_nic_only_when_a_restart_follows(monkeypatch, environment, released):
     calls = []
-    monkeypatch.setattr(ixyd.host, "release_instance", lambda instance: calls.append(instance))
-    monkeypatch.setenv("SERVICE_RESULT", "watchdog")
+    monkeypatch.setattr(
+        ixyd.host, "release_instance", lambda instance: calls.append(instance) or []
+    )
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
     assert ixyd.host.main(["release", "--if-stopped-cleanly", INSTANCE]) == 0
-    assert calls == []
-    monkeypatch.setenv("SERVICE_RESULT", "success")
-    assert ixyd.host.main(["release", "--if-stopped-cleanly", INSTANCE]) == 0
-    assert calls == [INSTANCE]
+    assert calls == ([INSTANCE] if released else [])
+    assert ixyd.host.main(["release", INSTANCE]) == 0  # by hand: always
+    assert calls[-1] == INSTANCE
 
 
 def test_prepare_reports_a_bad_configuration_with_exit_2(host, caplog):

@@ -175,6 +175,74 @@ def test_tap_mode_needs_the_tap_drop_in_and_works_with_it(container):
         container.run(["systemctl", "restart", SERVICE], timeout=60)
 
 
+OTHER = "0000:04:00.0"  # a second instance, for the failures below
+OTHER_SERVICE = f"ixyd@{OTHER}.service"
+
+
+@pytest.fixture
+def other_instance(container):
+    """Instance OTHER with one model port whose config sets `cpus` as given; stopped,
+    reset and its files removed afterwards."""
+    config = container.root / "etc/ixyd" / f"{OTHER}.toml"
+    drop_in = container.root / "etc/systemd/system" / f"{OTHER_SERVICE}.d"
+
+    def configure(cpus: int, exec_start: str | None = None) -> None:
+        config.write_text(
+            f'[[port]]\naddress = "other.0"\nrx_ring = 64\ntx_ring = 64\npool_size = 256\n'
+            f"cpus = [{cpus}]\n"
+        )
+        if exec_start:
+            drop_in.mkdir(exist_ok=True)
+            (drop_in / "exec.conf").write_text(f"[Service]\nExecStart=\nExecStart={exec_start}\n")
+        container.run(["systemctl", "daemon-reload"])
+
+    yield configure
+    container.run(["systemctl", "stop", OTHER_SERVICE, f"ixyd@{OTHER}.socket"], timeout=60)
+    container.run(["systemctl", "reset-failed", OTHER_SERVICE], check=False)
+    config.unlink(missing_ok=True)
+    for path in drop_in.glob("*"):
+        path.unlink()
+    container.run(["systemctl", "daemon-reload"])
+
+
+def journal_of(container, unit: str) -> str:
+    return container.run(["journalctl", "-u", unit, "--no-pager", "-o", "cat"]).stdout
+
+
+def test_a_configuration_the_daemon_refuses_is_not_restarted(container, other_instance):
+    """ixyd exits 2 for a configuration it refuses (here a CPU the machine lacks, which only
+    the daemon can tell): RestartPreventExitStatus=2, so systemd does not retry it, and
+    ExecStopPost= gives the NICs back instead of keeping them for a restart."""
+    other_instance(cpus=999)
+    started = container.run(["systemctl", "start", OTHER_SERVICE], check=False, timeout=60)
+    assert started.returncode != 0
+    shown = container.show(OTHER_SERVICE, "ActiveState", "Result", "ExecMainStatus", "NRestarts")
+    assert shown == {
+        "ActiveState": "failed",
+        "Result": "exit-code",
+        "ExecMainStatus": "2",
+        "NRestarts": "0",
+    }
+    journal = journal_of(container, OTHER_SERVICE)
+    assert "CPU 999 does not exist" in journal
+    assert f"{OTHER}: gave back no NIC" in journal  # released, not kept for a restart
+
+
+def test_a_daemon_systemd_cannot_start_does_not_keep_the_nics(container, other_instance):
+    """ExecStartPre=+ runs outside the sandbox and binds the NICs; when systemd then cannot
+    start the daemon itself (203/EXEC: say, ixyd installed below /home, hidden by
+    ProtectHome=), ExecStopPost= must not leave them on vfio-pci for a restart."""
+    other_instance(cpus=0, exec_start="/opt/ixyd/bin/no-such-ixyd %i")
+    container.run(["systemctl", "start", OTHER_SERVICE], check=False, timeout=60)
+    journal = container.wait_for(
+        lambda: (j := journal_of(container, OTHER_SERVICE)) and "gave back" in j and j,
+        "ExecStopPost after the failed exec",
+    )
+    assert "status=203/EXEC" in journal
+    assert f"{OTHER}: gave back no NIC" in journal
+    assert "stay on vfio-pci" not in journal
+
+
 def test_stop_leaves_nothing_behind(container):
     container.run(["systemctl", "start", SERVICE], timeout=60)
     pid = container.show(SERVICE, "MainPID")["MainPID"]

@@ -47,6 +47,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import guest_pci  # noqa: E402
 
+from ixyd.host import HIDDEN_FROM_DAEMON, why_daemon_cannot_reach  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 MAC_A, MAC_B = "52:54:00:00:00:01", "52:54:00:00:00:02"
 PREFIX = Path("/opt/ixyd")  # the guest's installation of ixyd (a venv)
@@ -62,8 +64,6 @@ START_TIMEOUT = 120.0  # s for `systemctl start` (the unit allows 60 s, plus TCG
 STOP_TIMEOUT = 60.0
 COUNTER_TIMEOUT = 20.0
 CTL_TIMEOUT = "30"  # ixyd-ctl --timeout: a Python start over 9p takes seconds under TCG
-# Directories ixyd@.service hides (ProtectHome=yes): nothing it runs may live there.
-HIDDEN = ("/root", "/home", "/run/user")
 DMAR_FAULT_MARKERS = ("DMAR: [DMA", "DMAR: DRHD: handling fault", "fault addr")
 
 T0 = time.monotonic()
@@ -116,19 +116,6 @@ def dmar_faults() -> list[str]:
 
 
 # ------------------------------------------------------------------------ installation
-def reachable_by_others(path: Path) -> bool:
-    """Whether a user other than root may run `path`: outside HIDDEN, every directory on
-    the way searchable by others and the file itself readable and executable by them."""
-    path = path.resolve()
-    if any(path == Path(h) or Path(h) in path.parents for h in HIDDEN):
-        return False
-    for directory in path.parents:
-        if not os.stat(directory).st_mode & stat.S_IXOTH:
-            return False
-    mode = os.stat(path).st_mode
-    return bool(mode & stat.S_IROTH and mode & stat.S_IXOTH)
-
-
 def system_python() -> Path:
     """A Python of this venv's version that the unit's sandbox and user ixyd can run: the
     venv's own base interpreter if it qualifies (not under /root, e.g. pyenv), else the
@@ -136,10 +123,11 @@ def system_python() -> Path:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     candidates = [Path(sys._base_executable), Path(f"/usr/bin/python{version}")]
     for candidate in candidates:
-        if candidate.exists() and reachable_by_others(candidate):
+        if candidate.exists() and why_daemon_cannot_reach(str(candidate), execute=True) is None:
             return candidate.resolve()
     raise CheckFailed(
-        f"no Python {version} that user {DAEMON_USER} may run outside {', '.join(HIDDEN)} "
+        f"no Python {version} that user {DAEMON_USER} may run outside "
+        f"{', '.join(HIDDEN_FROM_DAEMON)} "
         f"(tried {', '.join(map(str, candidates))}); install python{version}"
     )
 
