@@ -137,6 +137,37 @@ def test_mode_switches_lose_and_duplicate_nothing_in_step_mode(bed_factory):
     assert bed.nic.ports[0].counters["rx_no_descriptor"] == 0 and bed.nic.fault_count == 0
 
 
+def test_a_full_rx_ring_is_drained_and_the_queue_keeps_receiving(bed_factory):
+    """Overload, or a worker descheduled for a while: frames keep coming while nobody polls.
+    The ring fills until RDH == RDT (the device owns no descriptor; the worker's next one is
+    RDT + 1, written) and the rest is dropped as no_descriptor (DROP_EN). When the worker
+    polls again it takes all size - 1 frames and the queue carries on without a drop."""
+    bed = bed_factory("step")
+    rxq = bed.a.rx_queues[0]
+    worker = bed.worker([rxq], [bed.a.tx_queues[0]])
+    bed.table.set(rxq, "drop")
+    size = CONFIG.rx_ring
+    bed.gen_a.configure(count=0, burst=64, flows=1)
+    bed.gen_a.start()
+    for _ in range(2 * size // 64):
+        bed.nic.step()
+    bed.gen_a.stop()
+    regs, counters = bed.a.regs, bed.nic.ports[0].counters
+    rdt = regs.RDT[0].read()
+    assert regs.RDH[0].read() == rdt and rxq.pointer.next == (rdt + 1) % size
+    dropped = counters["rx_no_descriptor"]
+    assert dropped == bed.gen_a.stats["sent"] - (size - 1) > 0
+    worker.run_iterations(size // 32 + 2)
+    assert worker.queue_stats(rxq)["packets"] == size - 1
+    sent = bed.gen_a.stats["sent"]
+    bed.gen_a.configure(count=sent + 10 * size, burst=16, flows=1)  # count: in all
+    bed.gen_a.start()
+    bed.step(worker, 10 * size // 16 + 4)
+    assert bed.gen_a.stats["sent"] == sent + 10 * size
+    assert worker.queue_stats(rxq)["packets"] == size - 1 + 10 * size
+    assert counters["rx_no_descriptor"] == dropped
+
+
 def test_mode_switches_under_live_traffic_in_thread_mode(bed_factory):
     bed = bed_factory("thread", NO_DROP)
     rxq = bed.a.rx_queues[0]
