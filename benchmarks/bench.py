@@ -848,9 +848,7 @@ def print_table(rows: list[Row]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer windows and packets")
-    parser.add_argument(
-        "--sections", default="abcde", help="which sections to run (default abcde)"
-    )
+    parser.add_argument("--sections", default="abcde", help="which sections to run (default abcde)")
     parser.add_argument(
         "--no-pin", action="store_true", help="leave thread placement to the scheduler"
     )

@@ -2,15 +2,18 @@
 """What Prometheus scraping costs the data path: an ixyd instance's forwarding rate while a
 real Prometheus server scrapes it at 10 Hz, against the same instance unscraped.
 
-    .venv/bin/python benchmarks/scrape_overhead.py              # 2 x 9 pairs of 2 s windows
+    .venv/bin/python benchmarks/scrape_overhead.py              # 4 x 9 pairs of 2 s windows
     .venv/bin/python benchmarks/scrape_overhead.py --pairs 5 --seconds 1
 
 The instance is the daemon's own `Instance` (service.py) with one 82599 model port: the
 model's generator sends 64-byte frames into it as fast as the model runs, the port's
 worker reflects them back out (forward = reflect), the model's checker takes them off the
-wire. The worker is pinned to CPU 1 and the model's engine thread to CPU 0; the metrics
-HTTP thread and Prometheus run wherever the scheduler puts them, that is: they take their
-CPU time from the forwarding path, as they would on a host that has no spare core.
+wire. The worker is pinned to CPU 1 and the model's engine thread to CPU 0. Two placements
+of the scrape work (the metrics HTTP thread and Prometheus): "shared", wherever the
+scheduler puts it, so it takes CPU time from the worker or the engine, as on a host with
+no spare core; and "housekeeping", pinned to CPU 0, so the worker's core is its own, as on
+a host that isolates its poll cores (the engine, standing in for the NIC, then shares
+CPU 0 with the scrapes: a real NIC would not).
 
 One Prometheus process (Debian's, scrape_interval 100 ms, on 127.0.0.1) is started once;
 between windows it is paused (SIGSTOP: no scrapes, no CPU) or resumed (SIGCONT), in
@@ -124,6 +127,17 @@ def start_prometheus(workdir: str, target: str) -> tuple[subprocess.Popen, str]:
         time.sleep(0.2)
 
 
+def place(metrics_thread: threading.Thread, prometheus: subprocess.Popen, cpus: set[int]) -> None:
+    """Pin the metrics HTTP thread (its per-request threads inherit the mask) and every
+    thread of Prometheus to `cpus`."""
+    os.sched_setaffinity(metrics_thread.native_id, cpus)
+    for task in os.listdir(f"/proc/{prometheus.pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except (ProcessLookupError, PermissionError):
+            pass  # a Go runtime thread that just ended
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (proc(5) stat fields 14 and 15)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -215,14 +229,29 @@ def main() -> None:
         prometheus, _ = start_prometheus(workdir, instance.metrics.address)
         worker, rxq, _ = instance.ports[0].workers[0]
         collector = instance.metrics.collector
-        forwarding = measure(
-            lambda: worker.queue_stats(rxq)["sent"], collector, prometheus, args.pairs, args.seconds
-        )
+        metrics_thread = next(t for t in threading.enumerate() if t.name == "ixyd-metrics")
+        everywhere = set(range(os.cpu_count() or 1))
+        placements = {
+            "shared": everywhere,  # the scheduler puts scrapes on either busy core
+            "housekeeping": {ENGINE_CPU},  # the worker's core is left to the worker
+        }
+        forwarding, spinning = {}, {}
+        for name, cpus in placements.items():
+            place(metrics_thread, prometheus, cpus)
+            forwarding[name] = measure(
+                lambda: worker.queue_stats(rxq)["sent"],
+                collector,
+                prometheus,
+                args.pairs,
+                args.seconds,
+            )
         instance.ports[0].traffic.stop()  # an idle port: the worker only spins
         time.sleep(SETTLE)
-        spinning = measure(
-            lambda: worker.stats["iterations"], collector, prometheus, args.pairs, args.seconds
-        )
+        for name, cpus in placements.items():
+            place(metrics_thread, prometheus, cpus)
+            spinning[name] = measure(
+                lambda: worker.stats["iterations"], collector, prometheus, args.pairs, args.seconds
+            )
         answer_cpu_ms = exposition_cpu_ms(instance)
         scrapes = max(collector.scrapes, 1)
         per_scrape_ms = 1000 * collector.scrape_seconds / scrapes
@@ -237,10 +266,18 @@ def main() -> None:
             f"engine on CPU {ENGINE_CPU}, worker on CPU {WORKER_CPU}; "
             f"{args.pairs} pairs of {args.seconds:g} s windows, alternating"
         )
+        for name in placements:
+            where = (
+                "metrics thread and Prometheus anywhere"
+                if name == "shared"
+                else f"metrics thread and Prometheus on CPU {ENGINE_CPU} only"
+            )
+            print(f"\n{name}: {where}")
+            forwarding[name].print("forwarded", "Mpps", 1e6, args.pairs)
+            spinning[name].print("poll rounds, idle port", "M/s", 1e6, args.pairs)
         print()
-        forwarding.print("forwarded", "Mpps", 1e6, args.pairs)
-        spinning.print("poll rounds, idle port", "M/s", 1e6, args.pairs)
-        rates = forwarding.scrape_rates + spinning.scrape_rates
+        every = [*forwarding.values(), *spinning.values()]
+        rates = [r for c in every for r in c.scrape_rates]
         print("scrapes served".ljust(42) + f"{spread(rates, 1, 1)} per second")
         print(
             "collector per scrape".ljust(42) + f"{per_scrape_cpu_ms:.2f} ms CPU, "
@@ -249,9 +286,7 @@ def main() -> None:
         print(
             "whole answer per scrape".ljust(42) + f"{answer_cpu_ms:.2f} ms CPU (collect + format)"
         )
-        prom_cpu = spread(
-            [100 * c for c in forwarding.prometheus_cpu + spinning.prometheus_cpu], 1, 0
-        )
+        prom_cpu = spread([100 * u for c in every for u in c.prometheus_cpu], 1, 0)
         print("Prometheus while scraping".ljust(42) + f"{prom_cpu} % of a CPU")
         print(f"\nrun took {time.monotonic() - started:.0f} s")
     finally:

@@ -91,7 +91,9 @@ SHARED_GROUP_SLOTS = (1, 3)
 BACKPORTS = "bookworm-backports"
 QEMU_PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "seabios")
 QEMU_MIN_VERSION = "1:10.0"
-TOOL_PACKAGES = ("kmod", "zstd", "xz-utils")  # depmod/modprobe; vmlinux and .ko decompression
+# depmod/modprobe; vmlinux and .ko decompression; systemd-udevd and udevadm for the systemd
+# guest, where ixyd's udev rule is exercised (a host without udev gets no udevd from it)
+TOOL_PACKAGES = ("kmod", "zstd", "xz-utils", "udev")
 BACKPORTS_SOURCE = Path("/etc/apt/sources.list.d/ixyd-bookworm-backports.sources")
 QEMU = "qemu-system-x86_64"
 QBOOT = Path("/usr/share/qemu/qboot.rom")  # fastest firmware; enters the ELF kernel via PVH

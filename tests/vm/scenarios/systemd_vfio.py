@@ -302,6 +302,69 @@ def sample(samples: dict[str, float], name: str, device: str) -> float | None:
     return sum(values) if values else None
 
 
+def node_owner(group: str) -> list:
+    st = os.stat(f"/dev/vfio/{group}")
+    return [st.st_uid, st.st_gid, oct(stat.S_IMODE(st.st_mode))]
+
+
+def wait_for_path(path: Path, present: bool, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while path.exists() != present:
+        check(time.monotonic() < deadline, f"{path} {'absent' if present else 'present'}")
+        time.sleep(0.05)
+
+
+def rebind(bdf: str, group: str) -> list:
+    """Unbind the device from vfio-pci and probe it again (driver_override keeps it on
+    vfio-pci), as a hot reset, a re-plug or an admin would: the kernel removes the group's
+    node and creates it anew, root 0600, and udev handles the add. Returns the node's
+    owner, group and mode once udev is done."""
+    node = Path("/dev/vfio", group)
+    Path("/sys/bus/pci/drivers/vfio-pci/unbind").write_text(bdf)
+    wait_for_path(node, present=False)
+    Path("/sys/bus/pci/drivers_probe").write_text(bdf)
+    wait_for_path(node, present=True)
+    run("udevadm", "settle", "--timeout=20", timeout=30)
+    return node_owner(group)
+
+
+def udev_rule_gives_new_nodes_to_ixyd(
+    summary: dict, bin_dir: Path, instance: str, bdf: str, group: str, daemon_gid: int
+) -> None:
+    """etc/udev/rules.d/70-ixyd-vfio.rules: a node the kernel creates anew for a group that
+    ixyd-host marked (the device went through vfio-pci again without `prepare`) gets group
+    ixyd 0660 from udev; without the mark the rule does not match and the node stays the
+    kernel's root 0600, so it is the rule that does it. Done by hand before the unit runs
+    (prepare, the rebinds, release), since vfio-pci cannot let go of a device in use."""
+    check(Path("/run/udev/control").exists(), "systemd-udevd is not running in the guest")
+    host = str(bin_dir / "ixyd-host")
+    run(host, "prepare", "--group", DAEMON_USER, instance, timeout=60)
+    mark = Path("/run/ixyd/vfio", group)
+    aside = mark.with_name(f".{group}.aside")
+    seen = {"prepared": node_owner(group), "marked": rebind(bdf, group)}
+    mark.rename(aside)
+    try:
+        seen["unmarked"] = rebind(bdf, group)
+    finally:
+        aside.rename(mark)
+    seen["marked_again"] = rebind(bdf, group)
+    run(host, "release", instance, timeout=60)
+    seen["released_to"] = guest_pci.bound_driver(bdf)
+    summary["udev_new_nodes"] = seen
+    ours, kernels = [0, daemon_gid, "0o660"], [0, 0, "0o600"]
+    check(
+        seen
+        == {
+            "prepared": ours,
+            "marked": ours,
+            "unmarked": kernels,
+            "marked_again": ours,
+            "released_to": "igb",
+        },
+        f"/dev/vfio/{group} after rebinds: {seen}",
+    )
+
+
 # ------------------------------------------------------------------------ the scenario
 def scenario(summary: dict, timings: dict) -> None:
     addresses = guest_pci.igb_addresses_in_guest()
@@ -344,6 +407,10 @@ def scenario(summary: dict, timings: dict) -> None:
     timings["install_s"] = round(time.monotonic() - t0, 2)
 
     Path("/etc/ixyd", f"{instance}.toml").write_text(config_text(bdf_a, bdf_b))
+    step("udev rule: a new node of a marked group goes to group ixyd")
+    udev_rule_gives_new_nodes_to_ixyd(
+        summary, bin_dir, instance, bdf_a, str(groups[bdf_a]), daemon.pw_gid
+    )
     # As on a host that has not used VFIO since boot: the unit must load vfio-pci before its
     # device policy is set up (DeviceAllow=char-vfio is resolved from /proc/devices then).
     run("modprobe", "-r", "vfio_pci", "vfio_iommu_type1", "vfio")
