@@ -14,13 +14,10 @@ the TX queue holds.
 
 from __future__ import annotations
 
-import os
-import threading
-
 from ._datapath import ffi, lib
 from .drivers.rings import RxQueue, TxQueue
 from .errors import ConfigError
-from .worker import check_cpu
+from .worker import PinnedLoop
 
 FWD_STATS_FIELDS = ("packets", "bytes", "drop_tx_full", "iterations", "empty_polls")
 
@@ -39,42 +36,27 @@ class ForwardWorker:
     ):
         if not 1 <= batch <= lib.IXYD_MAX_BATCH:
             raise ConfigError(f"batch size must be 1..{lib.IXYD_MAX_BATCH}, got {batch}")
-        if cpu is not None:
-            check_cpu(cpu)
         self.rx, self.tx, self.batch, self.cpu, self.name = rx, tx, batch, cpu, name
-        self._stop = ffi.new("uint32_t *")
-        self._stats = ffi.new("struct ixyd_fwd_stats *")
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
+        self._stats = stats = ffi.new("struct ixyd_fwd_stats *")
+        self._loop = PinnedLoop(
+            name, cpu, lambda stop: lib.ixyd_forward(rx.pointer, tx.pointer, batch, stop, stats)
+        )
 
-    def start(self) -> None:
-        if self._thread:
-            return
-        self._stop[0] = 0
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            if self.cpu is not None:
-                os.sched_setaffinity(0, {self.cpu})  # pid 0: this thread only
-            lib.ixyd_forward(self.rx.pointer, self.tx.pointer, self.batch, self._stop, self._stats)
-        except BaseException as exc:  # reported through .error; the control plane decides
-            self.error = exc
+    def start(self, timeout: float = 5.0) -> None:
+        """Start the thread and wait until it is pinned; raises what pinning raised."""
+        self._loop.start(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the loop to stop and wait for it (it checks the flag every iteration)."""
-        if not self._thread:
-            return
-        self._stop[0] = 1
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"{self.name} did not stop within {timeout} s")
-        self._thread = None
+        self._loop.stop(timeout)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.running
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._loop.error
 
     @property
     def stats(self) -> dict[str, int]:

@@ -35,8 +35,9 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ._datapath import ffi, lib
 from .capture import DEFAULT_RING, CaptureRing
@@ -90,6 +91,72 @@ def check_cpu(cpu: int) -> None:
     if cpu >= total:
         raise ConfigError(f"CPU {cpu} does not exist: this machine has CPUs 0-{total - 1}")
     raise ConfigError(f"CPU {cpu} is not available to ixyd (allowed: {sorted(allowed)})")
+
+
+class PinnedLoop:
+    """A native loop in a thread of its own, pinned to `cpu` (None: the process' CPUs).
+
+    `loop(stop)` is a cffi call that releases the GIL and runs until `*stop` is 1; other
+    values of the flag belong to the loop (ixyd_worker_run's STALL). start() waits until
+    the thread is pinned and raises what pinning raised; what the loop raises later is
+    kept in `error` for the control plane.
+    """
+
+    def __init__(self, name: str, cpu: int | None, loop: Callable[[Any], object]):
+        if cpu is not None:
+            check_cpu(cpu)
+        self.name, self.cpu = name, cpu
+        self.stop_flag = ffi.new("uint32_t *")
+        self._loop = loop
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self.native_id: int | None = None  # the thread's kernel id while it runs
+        self.error: BaseException | None = None
+
+    def start(self, timeout: float = 5.0) -> None:
+        if self._thread:
+            return
+        self.stop_flag[0] = 0
+        self.error = None
+        self._started.clear()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError(f"{self.name!r} did not start within {timeout} s")
+        if self.error is not None:
+            self._thread.join(timeout)
+            self._thread = None
+            raise self.error
+
+    def _run(self) -> None:
+        try:
+            if self.cpu is not None:
+                os.sched_setaffinity(0, {self.cpu})  # pid 0: this thread only
+            self.native_id = threading.get_native_id()
+        except BaseException as exc:  # handed to start()
+            self.error = exc
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            self._loop(self.stop_flag)
+        except BaseException as exc:  # reported through .error; the control plane decides
+            self.error = exc
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the loop to stop and wait for it (it checks the flag every round)."""
+        if not self._thread:
+            return
+        self.stop_flag[0] = 1
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"{self.name!r} did not stop within {timeout} s")
+        self._thread = None
+        self.native_id = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
 
 def _claim(objects: Iterable[object], worker: str) -> None:
@@ -507,11 +574,8 @@ class Worker:
         self._generators: dict[TxQueue, Generator] = {}
         self._retired: list[Generator] = []  # kept until close: their buffers may be in flight
         self._capture_rings: dict[int, CaptureRing] = {}  # by RX queue index, see capture_ring
-        self._stop = ffi.new("uint32_t *")
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self.native_id: int | None = None  # the thread's kernel id while it runs
-        self.error: BaseException | None = None
+        pointer = self.pointer
+        self._loop = PinnedLoop(name, cpu, lambda stop: lib.ixyd_worker_run(pointer, stop))
         self.closed = False
 
     # -- running
@@ -519,56 +583,32 @@ class Worker:
         """Start the thread and wait until it is pinned; raises what pinning raised."""
         if self.closed:
             raise RuntimeError(f"worker {self.name!r} is closed")
-        if self._thread:
-            return
-        self._stop[0] = 0
-        self.error = None
-        self._started.clear()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise TimeoutError(f"worker {self.name!r} did not start within {timeout} s")
-        if self.error is not None:
-            self._thread.join(timeout)
-            self._thread = None
-            raise self.error
-
-    def _run(self) -> None:
-        try:
-            if self.cpu is not None:
-                os.sched_setaffinity(0, {self.cpu})  # pid 0: this thread only
-            self.native_id = threading.get_native_id()
-        except BaseException as exc:  # handed to start()
-            self.error = exc
-            self._started.set()
-            return
-        self._started.set()
-        try:
-            lib.ixyd_worker_run(self.pointer, self._stop)
-        except BaseException as exc:  # reported through .error; the control plane decides
-            self.error = exc
+        self._loop.start(timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the loop to stop and wait for it (it checks the flag every round)."""
-        if not self._thread:
-            return
-        self._stop[0] = 1
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"worker {self.name!r} did not stop within {timeout} s")
-        self._thread = None
-        self.native_id = None
+        self._loop.stop(timeout)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.running
+
+    @property
+    def native_id(self) -> int | None:
+        """The thread's kernel id while it runs."""
+        return self._loop.native_id
+
+    @property
+    def error(self) -> BaseException | None:
+        """What the loop raised, if it ended by an exception."""
+        return self._loop.error
 
     def stall(self) -> None:
         """Fault injection, a test aid: make the running loop spin without polling or
         counting rounds, as a hung worker would (the watchdog's test). stop() ends it."""
         if not self.running:
             raise RuntimeError(f"worker {self.name!r} is not running")
-        self._stop[0] = lib.IXYD_WORKER_STALL
+        self._loop.stop_flag[0] = lib.IXYD_WORKER_STALL
 
     def run_iterations(self, rounds: int = 1) -> int:
         """Run rounds of the loop in the calling thread (step-mode tests); frames received."""
