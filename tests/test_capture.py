@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import pytest
+from hosttools import as_nobody
 from test_service_e2e import (
     BIN,
     OPS_GID,
     Daemon,
-    as_nobody,
     assert_clean_exit,
     ctl_main,
     raw_call,

@@ -20,6 +20,7 @@ import threading
 import time
 
 import pytest
+from hosttools import NOBODY, run_as
 
 from ixyd.activation import ActivationError, _listen_fds_from_environment
 from ixyd.control import (
@@ -32,7 +33,6 @@ from ixyd.control import (
 )
 from ixyd.errors import ConfigError, DeviceError
 
-NOBODY = 65534
 OPS_GID = 4242  # a group the socket belongs to; nobody is made a member where needed
 OTHER_UID = 4243  # neither root, nor nobody, nor a member of anything
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switches uid: needs root")
@@ -559,31 +559,6 @@ def test_a_slow_handler_delays_clients_but_loses_none(serve):
 
 
 # ---------------------------------------------------------------------------- authorization
-def run_as(uid, gid, groups, action):
-    """Run `action()` in a child forked as uid/gid/groups; return what it returned (JSON)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: no logging, no pytest; only sockets and the pipe
-        code = 0
-        try:
-            os.close(read_end)
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
-            payload = json.dumps({"value": action()})
-        except BaseException as exc:
-            payload, code = json.dumps({"exception": repr(exc)}), 1
-        os.write(write_end, payload.encode())
-        os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
-    outcome = json.loads(data)
-    assert "exception" not in outcome, outcome["exception"]
-    return outcome["value"]
-
-
 def calls_from(path, *requests):
     """An action for run_as: make each (method, params) call, return the replies."""
 

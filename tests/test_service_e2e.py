@@ -20,19 +20,18 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from hosttools import as_nobody, network_namespaces, python_in, run_in, wait_until
 
 from ixyd import ctl
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 BIN = Path(sys.executable).parent
-NOBODY = 65534
 OPS_GID = 4242  # the control socket's group in the authorization test (nobody may join it)
 RATE = 2_000  # demo frames/s per direction: traffic that must keep flowing
 MAPPINGS_AT_EXIT = re.compile(r"model card (\S+): (\d+) DMA mappings at exit, (\d+) remain")
@@ -135,14 +134,6 @@ def demo(run_dir, daemons) -> Daemon:
     return d
 
 
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def assert_clean_exit(d: Daemon) -> None:
     """SIGTERM: exit 0, the socket gone, every model DMA mapping released (the daemon's log)."""
     assert d.terminate() == 0, d.log
@@ -202,33 +193,10 @@ def code(reply) -> int:
 
 
 # ---------------------------------------------------------------------------- 1. tap mode
-def run_in(netns: str, *argv: str) -> None:
-    subprocess.run(["ip", "netns", "exec", netns, *argv], check=True, timeout=15)
-
-
-def python_in(netns: str, script: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", textwrap.dedent(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.fixture
 def namespaces():
-    names = [f"ixyde2e-{uuid.uuid4().hex[:8]}" for _ in range(2)]
-    made = []
-    try:
-        for name in names:
-            subprocess.run(["ip", "netns", "add", name], check=True)
-            made.append(name)
-            for scope in ("all", "default"):
-                run_in(name, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1")
+    with network_namespaces("ixyde2e") as names:
         yield names
-    finally:
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 PING = """
@@ -585,32 +553,6 @@ def test_bad_input_gets_errors_and_the_daemon_and_its_traffic_carry_on(demo):
 
 
 # ---------------------------------------------------------------------------- 3. authorization
-def as_nobody(action, groups=()):
-    """Run `action()` in a child forked as nobody (with supplementary `groups`); return what
-    it returned (JSON). Forked, not exec'd: the interpreter may live where nobody cannot go."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: no pytest, only sockets, ixyd-ctl's main and the pipe
-        code = 0
-        try:
-            os.close(read_end)
-            os.setgroups(list(groups))
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            payload = json.dumps({"value": action()})
-        except BaseException as exc:
-            payload, code = json.dumps({"exception": repr(exc)}), 1
-        os.write(write_end, payload.encode())
-        os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
-    outcome = json.loads(data)
-    assert "exception" not in outcome, outcome["exception"]
-    return outcome["value"]
-
-
 def ctl_main(d: Daemon, *args: str):
     """An action for as_nobody: ixyd-ctl's main() on the daemon's socket -> (code, out, err)."""
 

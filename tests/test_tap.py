@@ -19,6 +19,7 @@ import time
 import uuid
 
 import pytest
+from hosttools import network_namespaces, python_in, run_in, wait_until
 
 from ixyd.drivers.config import PortConfig
 from ixyd.drivers.ixgbe import IxgbePort
@@ -38,43 +39,11 @@ MAC1, MAC2 = "02:00:00:00:aa:01", "02:00:00:00:aa:02"
 IP1, IP2 = "10.214.0.1", "10.214.0.2"
 
 
-def run_in(netns: str, *argv: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", netns, *argv], check=True, **kwargs)
-
-
-def python_in(netns: str, script: str) -> subprocess.Popen:
-    """Start `script` in the namespace; it reports on stdout."""
-    return subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
 @pytest.fixture
 def namespaces():
     """Two fresh network namespaces without IPv6 (no MLD or router solicitations)."""
-    names = [f"ixydtap-{uuid.uuid4().hex[:8]}" for _ in range(2)]
-    made = []
-    try:
-        for name in names:
-            subprocess.run(["ip", "netns", "add", name], check=True)
-            made.append(name)
-            for scope in ("all", "default"):
-                run_in(name, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1")
+    with network_namespaces("ixydtap") as names:
         yield names
-    finally:
-        for name in made:
-            subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def tap_name() -> str:
