@@ -22,8 +22,9 @@ from .worker import PinnedLoop
 FWD_STATS_FIELDS = ("packets", "bytes", "drop_tx_full", "iterations", "empty_polls")
 
 
-class ForwardWorker:
-    """Forward everything received on `rx` out of `tx`, touching one byte per packet."""
+class ForwardWorker(PinnedLoop):
+    """Forward everything received on `rx` out of `tx`, touching one byte per packet;
+    start() and stop() as PinnedLoop's."""
 
     def __init__(
         self,
@@ -36,27 +37,11 @@ class ForwardWorker:
     ):
         if not 1 <= batch <= lib.IXYD_MAX_BATCH:
             raise ConfigError(f"batch size must be 1..{lib.IXYD_MAX_BATCH}, got {batch}")
-        self.rx, self.tx, self.batch, self.cpu, self.name = rx, tx, batch, cpu, name
+        self.rx, self.tx, self.batch = rx, tx, batch
         self._stats = stats = ffi.new("struct ixyd_fwd_stats *")
-        self._loop = PinnedLoop(
+        super().__init__(
             name, cpu, lambda stop: lib.ixyd_forward(rx.pointer, tx.pointer, batch, stop, stats)
         )
-
-    def start(self, timeout: float = 5.0) -> None:
-        """Start the thread and wait until it is pinned; raises what pinning raised."""
-        self._loop.start(timeout)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the loop to stop and wait for it (it checks the flag every iteration)."""
-        self._loop.stop(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self._loop.running
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._loop.error
 
     @property
     def stats(self) -> dict[str, int]:

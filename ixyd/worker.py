@@ -504,7 +504,7 @@ class Generator:
 # --------------------------------------------------------------------------- worker
 
 
-class Worker:
+class Worker(PinnedLoop):
     """A thread running the native worker loop over `rx_queues`, sending on `tx_queues`.
 
     Each RX queue gets an entry in `table` (initially drop). cpu: pin the thread there
@@ -575,40 +575,22 @@ class Worker:
         self._retired: list[Generator] = []  # kept until close: their buffers may be in flight
         self._capture_rings: dict[int, CaptureRing] = {}  # by RX queue index, see capture_ring
         pointer = self.pointer
-        self._loop = PinnedLoop(name, cpu, lambda stop: lib.ixyd_worker_run(pointer, stop))
+        super().__init__(name, cpu, lambda stop: lib.ixyd_worker_run(pointer, stop))
         self.closed = False
 
-    # -- running
+    # -- running (start, stop, running, native_id, error: PinnedLoop's)
     def start(self, timeout: float = 5.0) -> None:
         """Start the thread and wait until it is pinned; raises what pinning raised."""
         if self.closed:
             raise RuntimeError(f"worker {self.name!r} is closed")
-        self._loop.start(timeout)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the loop to stop and wait for it (it checks the flag every round)."""
-        self._loop.stop(timeout)
-
-    @property
-    def running(self) -> bool:
-        return self._loop.running
-
-    @property
-    def native_id(self) -> int | None:
-        """The thread's kernel id while it runs."""
-        return self._loop.native_id
-
-    @property
-    def error(self) -> BaseException | None:
-        """What the loop raised, if it ended by an exception."""
-        return self._loop.error
+        super().start(timeout)
 
     def stall(self) -> None:
         """Fault injection, a test aid: make the running loop spin without polling or
         counting rounds, as a hung worker would (the watchdog's test). stop() ends it."""
         if not self.running:
             raise RuntimeError(f"worker {self.name!r} is not running")
-        self._loop.stop_flag[0] = lib.IXYD_WORKER_STALL
+        self.stop_flag[0] = lib.IXYD_WORKER_STALL
 
     def run_iterations(self, rounds: int = 1) -> int:
         """Run rounds of the loop in the calling thread (step-mode tests); frames received."""
