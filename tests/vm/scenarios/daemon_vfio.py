@@ -34,6 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import guest_pci  # noqa: E402
+from guest_checks import (  # noqa: E402
+    check,
+    dmar_faults,
+    netdevs,
+    step,
+    wait_for,
+)
 
 MAC_A, MAC_B = "52:54:00:00:00:01", "52:54:00:00:00:02"
 INSTANCE = "vfio-guest"
@@ -49,23 +56,6 @@ COUNTER_TIMEOUT = 10.0
 # The guest has 2 vCPUs and workers busy-poll: both workers share CPU 1, so that the
 # control thread, ixyd-ctl and this script (CPU 0) are not starved under TCG.
 WORKER_CPU, CONTROL_CPU = 1, 0
-DMAR_FAULT_MARKERS = ("DMAR: [DMA", "DMAR: DRHD: handling fault", "fault addr")
-
-
-T0 = time.monotonic()
-
-
-def step(text: str) -> None:
-    print(f"[{time.monotonic() - T0:6.2f}] {text}", file=sys.stderr, flush=True)
-
-
-class CheckFailed(Exception):
-    pass
-
-
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise CheckFailed(message)
 
 
 def config_text(bdf_a: str, bdf_b: str) -> str:
@@ -122,25 +112,6 @@ def rpc(method: str, **params) -> dict:
 def counters(name: str) -> dict:
     (entry,) = rpc("stats", port=name)["ports"]
     return entry["counters"]
-
-
-def wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def netdevs(bdf: str) -> list[str]:
-    net = Path("/sys/bus/pci/devices") / bdf / "net"
-    return sorted(os.listdir(net)) if net.is_dir() else []
-
-
-def dmar_faults() -> list[str]:
-    log = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
-    return [line for line in log.splitlines() if any(m in line for m in DMAR_FAULT_MARKERS)]
 
 
 def run(summary: dict, timings: dict) -> None:

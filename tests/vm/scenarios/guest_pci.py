@@ -145,3 +145,27 @@ def release_from_vfio_pci(bdf: str) -> None:
 if __name__ == "__main__":
     for mac, bdf in sorted(igb_addresses_in_guest().items()):
         print(f"{bdf} {mac} iommu_group={iommu_group(bdf)} driver={bound_driver(bdf)}")
+
+
+def mac_from_bar(device) -> str | None:
+    """Receive address 0 read through an open device's BAR0 (`device.read32`), or None
+    while its address-valid bit is clear."""
+    ral, rah = device.read32(RAL0), device.read32(RAH0)
+    if not rah & RAH_AV:
+        return None
+    raw = ral.to_bytes(4, "little") + (rah & 0xFFFF).to_bytes(2, "little")
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def vfio_fds() -> list[str]:
+    """What this process' VFIO file descriptors point at: /dev/vfio nodes and VFIO's
+    anonymous inodes (device fds)."""
+    targets = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("/dev/vfio") or "vfio" in target:
+            targets.append(target)
+    return sorted(targets)

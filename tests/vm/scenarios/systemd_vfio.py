@@ -46,6 +46,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import guest_pci  # noqa: E402
+from guest_checks import (  # noqa: E402
+    CheckFailed,
+    check,
+    dmar_faults,
+    netdevs,
+    step,
+    wait_for,
+)
 
 from ixyd.host import HIDDEN_FROM_DAEMON, why_daemon_cannot_reach  # noqa: E402
 
@@ -64,22 +72,6 @@ START_TIMEOUT = 120.0  # s for `systemctl start` (the unit allows 60 s, plus TCG
 STOP_TIMEOUT = 60.0
 COUNTER_TIMEOUT = 20.0
 CTL_TIMEOUT = "30"  # ixyd-ctl --timeout: a Python start over 9p takes seconds under TCG
-DMAR_FAULT_MARKERS = ("DMAR: [DMA", "DMAR: DRHD: handling fault", "fault addr")
-
-T0 = time.monotonic()
-
-
-def step(text: str) -> None:
-    print(f"[{time.monotonic() - T0:6.2f}] {text}", file=sys.stderr, flush=True)
-
-
-class CheckFailed(Exception):
-    pass
-
-
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise CheckFailed(message)
 
 
 def run(*argv: str, timeout: float = 60, user: str | None = None, ok: bool = True):
@@ -94,25 +86,6 @@ def run(*argv: str, timeout: float = 60, user: str | None = None, ok: bool = Tru
             f"`{' '.join(argv)}`: exit {done.returncode}: {(done.stderr or done.stdout).strip()}",
         )
     return done
-
-
-def wait_for(condition, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
-def netdevs(bdf: str) -> list[str]:
-    net = Path("/sys/bus/pci/devices") / bdf / "net"
-    return sorted(os.listdir(net)) if net.is_dir() else []
-
-
-def dmar_faults() -> list[str]:
-    log = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
-    return [line for line in log.splitlines() if any(m in line for m in DMAR_FAULT_MARKERS)]
 
 
 # ------------------------------------------------------------------------ installation

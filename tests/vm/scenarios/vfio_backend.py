@@ -26,10 +26,8 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import os
 import resource
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -38,6 +36,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import guest_pci  # noqa: E402  (after the path setup above)
+from guest_checks import Report  # noqa: E402
+from guest_pci import mac_from_bar, vfio_fds  # noqa: E402
 from ixyd._vfio import lib  # noqa: E402
 
 from ixyd import pci  # noqa: E402
@@ -51,43 +51,16 @@ from ixyd.vfio import (  # noqa: E402
 )
 
 MARKER = "VFIO_SCENARIO_RESULT"
-# 82576 registers (Linux e1000_regs.h): E1000_CTRL, E1000_STATUS, E1000_RAL(0), E1000_RAH(0)
-CTRL, STATUS, RAL0, RAH0 = 0x00000, 0x00008, 0x05400, 0x05404
-RAH_AV = 1 << 31
+# 82576 registers (Linux e1000_regs.h): E1000_CTRL, E1000_STATUS (RAL0/RAH0: guest_pci)
+CTRL, STATUS = 0x00000, 0x00008
 ALL_ONES = 0xFFFFFFFF
 MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)  # x86 interrupt address range
 CAP_IPC_LOCK = 14  # <linux/capability.h>
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 TEST_ADDRESS = ("192.0.2.1", 24)  # TEST-NET-1
 
-summary: dict = {"checks": {}, "timings_ms": {}}
-failures: list[str] = []
-
-
-def check(name: str, ok: bool, detail=None) -> None:
-    summary["checks"][name] = {"ok": bool(ok), "detail": detail}
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
-    if not ok:
-        failures.append(name)
-
-
-class timed:
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        summary["timings_ms"][self.name] = round((time.perf_counter() - self.start) * 1000, 2)
-
-
-def mac_from_bar(device: VfioDevice) -> str | None:
-    ral, rah = device.read32(RAL0), device.read32(RAH0)
-    if not rah & RAH_AV:
-        return None
-    raw = ral.to_bytes(4, "little") + (rah & 0xFFFF).to_bytes(2, "little")
-    return ":".join(f"{b:02x}" for b in raw)
+report = Report()
+summary, failures, check, timed = report.summary, report.failures, report.check, report.timed
 
 
 def drop_ipc_lock() -> None:
@@ -106,18 +79,6 @@ def drop_ipc_lock() -> None:
     data[0].effective &= ~(1 << CAP_IPC_LOCK)
     if libc.capset(ctypes.byref(header), data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
-
-
-def vfio_fds() -> list[str]:
-    fds = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("/dev/vfio") or "vfio" in target:
-            fds.append(target)
-    return fds
 
 
 def interface_in_use_is_refused(bdf: str, ifname: str) -> None:

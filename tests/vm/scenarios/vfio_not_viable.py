@@ -34,35 +34,18 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import guest_pci  # noqa: E402  (after the path setup above)
+from guest_checks import Report  # noqa: E402
+from guest_pci import mac_from_bar, vfio_fds  # noqa: E402
 
 from ixyd import pci  # noqa: E402
 from ixyd.vfio import GroupNotViableError, VfioContainer, VfioDevice, VfioError  # noqa: E402
 
 MARKER = "VFIO_NOT_VIABLE_RESULT"
 FIRST_MAC = "52:54:00:00:00:01"  # the port bound by hand; harness IGB_PORTS_SHARED_GROUP
-RAL0, RAH0, RAH_AV = 0x05400, 0x05404, 1 << 31  # 82576 receive address 0
 IOMMU_GROUPS = Path("/sys/kernel/iommu_groups")
 
-summary: dict = {"checks": {}, "timings_ms": {}}
-failures: list[str] = []
-
-
-def check(name: str, ok: bool, detail=None) -> None:
-    summary["checks"][name] = {"ok": bool(ok), "detail": detail}
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
-    if not ok:
-        failures.append(name)
-
-
-class timed:
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        summary["timings_ms"][self.name] = round((time.perf_counter() - self.start) * 1000, 2)
+report = Report()
+summary, failures, check, timed = report.summary, report.failures, report.check, report.timed
 
 
 def state(bdfs: list[str]) -> dict:
@@ -76,26 +59,6 @@ def state(bdfs: list[str]) -> dict:
         }
         for bdf in bdfs
     }
-
-
-def vfio_fds() -> list[str]:
-    targets = []
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("/dev/vfio"):
-            targets.append(target)
-    return sorted(targets)
-
-
-def mac_from_bar(device: VfioDevice) -> str | None:
-    ral, rah = device.read32(RAL0), device.read32(RAH0)
-    if not rah & RAH_AV:
-        return None
-    raw = ral.to_bytes(4, "little") + (rah & 0xFFFF).to_bytes(2, "little")
-    return ":".join(f"{b:02x}" for b in raw)
 
 
 def main() -> int:
