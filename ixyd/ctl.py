@@ -341,6 +341,8 @@ def describe_forward(forward: dict) -> str:
 def render_status(result: dict) -> str:
     rows = []
     for key, value in result.items():
+        if key == "removed_ports" and not value:
+            continue  # said only when a port's NIC is gone
         if key == "uptime_s" and isinstance(value, int | float):
             rows.append(("uptime", human_duration(value)))
         elif isinstance(value, list):
@@ -367,7 +369,7 @@ def render_ports(result: dict) -> str:
             p.get("backend", "-"),
             p.get("driver", "-"),
             p.get("mac", "-"),
-            _link_text(p.get("link")),
+            "REMOVED" if p.get("present") is False else _link_text(p.get("link")),
             "on" if p.get("promisc") else "off",
             f"{p.get('rx_queues', '?')}/{p.get('tx_queues', '?')}",
             describe_forward(p["forward"]) if p.get("forward") else "-",
@@ -398,7 +400,8 @@ def render_stats(result: dict, detail: bool) -> str:
     rows = []
     for port in ports:
         counters = port.get("counters", {})
-        row = [port.get("name", "?")]
+        # a port whose NIC is gone: its NIC counters are the last ones read
+        row = [port.get("name", "?") + (" (removed)" if port.get("present") is False else "")]
         row += [fmt(counters[k]) if k in counters else "-" for _, k, fmt in _STATS_COLUMNS]
         if with_rates:
             rates = port.get("rates") or {}
@@ -425,7 +428,7 @@ def render_link(result: dict) -> str:
     rows = [
         (p.get("name", "?"), "up" if p.get("up") else "down", human_speed(p["speed_mbps"]))
         if p.get("up")
-        else (p.get("name", "?"), "down", "-")
+        else (p.get("name", "?"), "REMOVED" if p.get("present") is False else "down", "-")
         for p in result.get("ports", [])
     ]
     return table(("PORT", "LINK", "SPEED"), rows, right=(2,))

@@ -183,12 +183,17 @@ def _thread_cpu(tid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[11]) + int(fields[12])
 
 
-def status_text(ports: Iterable[tuple[str, bool, int, Mapping[str, float] | None]]) -> str:
+def status_text(
+    ports: Iterable[tuple[str, bool, int, Mapping[str, float] | None, bool]],
+) -> str:
     """STATUS= line: per port its name, link and receive/transmit rates, e.g.
-    `card.0 link up 10G, rx 1.20 Mpps, tx 1.20 Mpps; card.1 link down`.
-    ports: (name, link up, speed in Mb/s, rates with rx_pps/tx_pps or None)."""
+    `card.0 link up 10G, rx 1.20 Mpps, tx 1.20 Mpps; card.1 link down; card.2 removed`.
+    ports: (name, link up, speed in Mb/s, rates with rx_pps/tx_pps or None, NIC gone)."""
     parts = []
-    for name, up, speed, rates in ports:
+    for name, up, speed, rates, removed in ports:
+        if removed:
+            parts.append(f"{name} removed")
+            continue
         text = f"{name} link {'up ' + _speed(speed) if up else 'down'}"
         if rates:
             text += f", rx {_rate(rates['rx_pps'])}, tx {_rate(rates['tx_pps'])}"

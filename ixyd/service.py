@@ -53,6 +53,7 @@ from .errors import (
     EXIT_FAILED,
     EXIT_OK,
     ConfigError,
+    DeviceRemovedError,
     IxydError,
     UnsupportedDeviceError,
 )
@@ -96,6 +97,16 @@ class ServicePort:
         self.baseline: dict[str, int] = {}
         self.rates: dict[str, float] | None = None
         self.traffic = None  # the model's TrafficEndpoint on this port's wire, demo only
+        # Set when the NIC is found gone (reads all-ones: unplugged, PCIe link lost, reset
+        # by someone else): the reason. The port's NIC counters stay at their last values,
+        # its link reads down and the instance serves its other ports; a restart is needed
+        # to use the NIC again.
+        self.removed: str | None = None
+        self.last_driver_stats: dict[str, int] = {}
+
+    @property
+    def present(self) -> bool:
+        return self.removed is None
 
 
 class Instance:
@@ -182,6 +193,7 @@ class Instance:
             self.notifier.extend_timeout(config.link_timeout + INIT_TIMEOUT_MARGIN)
             driver = driver_class(dev, config)
             port = ServicePort(spec, driver, dev if spec.backend == "vfio" else None)
+            port.last_driver_stats = dict(driver.stats())  # what a NIC gone later keeps
             port.traffic = wires.get(spec.address)
             self.ports.append(port)
 
@@ -436,9 +448,35 @@ class Instance:
         port.generating = (worker, txq)
 
     # ------------------------------------------------------------------ counters
+    def _gone(self, port: ServicePort, exc: DeviceRemovedError) -> None:
+        """Note that port's NIC is gone; said once, in the log and to systemd's status."""
+        if port.removed is None:
+            port.removed = str(exc)
+            log.error(
+                "%s; port %s keeps its last counters and the other ports carry on; restart "
+                "the instance once the device is back",
+                exc,
+                port.name,
+            )
+
+    def _link(self, port: ServicePort) -> tuple[bool, int]:
+        """(up, speed in Mb/s) of a port; down for a port whose NIC is gone."""
+        if port.removed is None:
+            try:
+                return port.driver.link()
+            except DeviceRemovedError as exc:
+                self._gone(port, exc)
+        return False, 0
+
     def _counters(self, port: ServicePort) -> dict[str, int]:
-        """Raw totals since start: the driver's stats plus the workers' per-queue counters."""
-        counters = dict(port.driver.stats())
+        """Raw totals since start: the driver's stats plus the workers' per-queue counters.
+        For a port whose NIC is gone, the NIC's part is what it last read."""
+        if port.removed is None:
+            try:
+                port.last_driver_stats = dict(port.driver.stats())
+            except DeviceRemovedError as exc:
+                self._gone(port, exc)
+        counters = dict(port.last_driver_stats)
         for name in WORKER_COUNTERS:
             counters[name] = 0
         counters["forwarded"] = 0
@@ -465,10 +503,10 @@ class Instance:
                 for port in self.ports:
                     a, b = before[port.name], current[port.name]
                     port.rates = {
-                        "rx_pps": (b["rx_packets"] - a["rx_packets"]) / dt,
-                        "rx_bps": 8 * (b["rx_bytes"] - a["rx_bytes"]) / dt,
-                        "tx_pps": (b["tx_packets"] - a["tx_packets"]) / dt,
-                        "tx_bps": 8 * (b["tx_bytes"] - a["tx_bytes"]) / dt,
+                        "rx_pps": (b.get("rx_packets", 0) - a.get("rx_packets", 0)) / dt,
+                        "rx_bps": 8 * (b.get("rx_bytes", 0) - a.get("rx_bytes", 0)) / dt,
+                        "tx_pps": (b.get("tx_packets", 0) - a.get("tx_packets", 0)) / dt,
+                        "tx_bps": 8 * (b.get("tx_bytes", 0) - a.get("tx_bytes", 0)) / dt,
                     }
         self._last_sample = (now, current)
 
@@ -484,6 +522,7 @@ class Instance:
             "state": self.state,
             "uptime_s": round(time.monotonic() - self.started, 1),
             "ports": [p.name for p in self.ports],
+            "removed_ports": [p.name for p in self.ports if p.removed],
             "workers": sum(w.running for w in self.workers),
             "config": self.config.source or "(built in)",
             "state_file": self.store.path,
@@ -493,10 +532,11 @@ class Instance:
     def rpc_ports(self) -> dict:
         out = []
         for p in self.ports:
-            up, speed = p.driver.link()
+            up, speed = self._link(p)
             out.append(
                 {
                     "name": p.name,
+                    "present": p.present,
                     "address": p.driver.dev.address,
                     "backend": p.spec.backend,
                     "driver": "ixgbe" if isinstance(p.driver, ixgbe.IxgbePort) else "igb",
@@ -507,6 +547,7 @@ class Instance:
                     "rx_queues": len(p.driver.rx_queues),
                     "tx_queues": len(p.driver.tx_queues),
                     "forward": p.forward.to_json(),
+                    **({"removed": p.removed} if p.removed else {}),
                 }
             )
         return {"ports": out}
@@ -517,6 +558,7 @@ class Instance:
             raw = self._counters(p)
             entry: dict[str, Any] = {
                 "name": p.name,
+                "present": p.present,
                 "counters": {k: v - p.baseline.get(k, 0) for k, v in raw.items()},
             }
             if p.rates is not None:
@@ -534,8 +576,8 @@ class Instance:
     def rpc_link(self, port: str | None = None) -> dict:
         out = []
         for p in self._selected(port):
-            up, speed = p.driver.link()
-            out.append({"name": p.name, "up": up, "speed_mbps": speed})
+            up, speed = self._link(p)
+            out.append({"name": p.name, "up": up, "speed_mbps": speed, "present": p.present})
         return {"ports": out}
 
     def rpc_get_forward(self, port: str | None = None) -> dict:
@@ -583,7 +625,11 @@ class Instance:
     def rpc_set_promisc(self, port: str, on: bool) -> dict:
         p = self._find(port)
         with self._change():
-            p.driver.set_promisc(on)
+            try:
+                p.driver.set_promisc(on)
+            except DeviceRemovedError as exc:
+                self._gone(p, exc)
+                raise
             self._persist(p.name, promisc=on)
         return {"name": p.name, "promisc": p.driver.promisc}
 
@@ -690,7 +736,9 @@ class Instance:
 
     def status_text(self) -> str:
         """systemd's STATUS= line: link and rates of every port."""
-        return status_text((p.name, *p.driver.link(), p.rates) for p in self.ports)
+        return status_text(
+            (p.name, *self._link(p), p.rates, p.removed is not None) for p in self.ports
+        )
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration and apply the forwarding and promisc settings

@@ -72,6 +72,11 @@ class FakeDaemon:
         self.requests: list[tuple[str, dict]] = []
         self.forward = {p["name"]: dict(p["forward"]) for p in PORTS}
         self.rates = None
+        self.removed: set[str] = set()  # ports whose NIC is gone (present: false)
+
+    def presence(self, name: str, entry: dict) -> dict:
+        """entry, with `present` (as the daemon sends it) once some port is removed."""
+        return {**entry, "present": name not in self.removed} if self.removed else entry
 
     def port_names(self, port=None):
         names = [p["name"] for p in PORTS]
@@ -91,15 +96,16 @@ class FakeDaemon:
                 "uptime_s": 3723.4,
                 "ports": ["demo.0", "demo.1"],
                 "workers": 2,
+                **({"removed_ports": sorted(self.removed)} if self.removed else {}),
             }
 
         def ports():
-            return {"ports": PORTS}
+            return {"ports": [self.presence(p["name"], p) for p in PORTS]}
 
         def stats(port=None):
             result = []
             for name in self.port_names(port):
-                entry = {"name": name, "counters": COUNTERS[name]}
+                entry = self.presence(name, {"name": name, "counters": COUNTERS[name]})
                 if self.rates:
                     entry["rates"] = self.rates
                 result.append(entry)
@@ -107,7 +113,8 @@ class FakeDaemon:
 
         def link(port=None):
             by_name = {p["name"]: p["link"] for p in PORTS}
-            return {"ports": [{"name": n, **by_name[n]} for n in self.port_names(port)]}
+            names = self.port_names(port)
+            return {"ports": [self.presence(n, {"name": n, **by_name[n]}) for n in names]}
 
         def get_forward(port=None):
             return {
@@ -274,6 +281,17 @@ def test_link_and_get_forward_tables(daemon):
     assert link[2].split() == ["demo.1", "down", "-"]
     forward = ok("-i", "demo", "get-forward", "demo.1").splitlines()
     assert forward == ["PORT    FORWARD", "demo.1  reflect, swap MAC"]
+
+
+def test_a_port_whose_nic_is_gone_is_marked_in_every_table(daemon):
+    daemon.removed = {"demo.1"}
+    ports = ok("-i", "demo", "ports").splitlines()
+    assert column(ports, "LINK", "demo.1") == "REMOVED"
+    assert column(ports, "LINK", "demo.0") == "up 10 Gb/s"
+    assert ok("-i", "demo", "link").splitlines()[2].split() == ["demo.1", "REMOVED", "-"]
+    stats = ok("-i", "demo", "stats").splitlines()
+    assert stats[2].startswith("demo.1 (removed)") and stats[1].startswith("demo.0 ")
+    assert "removed_ports  demo.1" in ok("-i", "demo", "status")
 
 
 def test_json_prints_the_raw_result(daemon):

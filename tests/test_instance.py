@@ -3,10 +3,14 @@ the control methods, the worker and its DMA memory."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+from hosttools import wait_until
 
 from ixyd.config import demo_config
 from ixyd.control import ErrorCode, RpcError
+from ixyd.errors import DeviceRemovedError
 from ixyd.service import Instance
 
 
@@ -43,3 +47,44 @@ def test_switching_in_and_out_of_generate_reuses_one_pool(instance):
     port = instance.ports[0]
     assert len({g.pool for g in port.generators}) == 1
     assert port.generators[-1].pointer.size == 512
+
+
+def test_a_port_whose_nic_is_removed_is_reported_and_the_other_carries_on(instance, caplog):
+    """Surprise removal of one port's NIC (it reads all-ones): every read method still
+    answers for the whole instance, the removed port says so and keeps its last NIC
+    counters, the other port keeps counting, and the error is logged once, not every
+    second."""
+
+    def counting():  # read by the run loop every second; here by hand
+        return all(p["counters"]["rx_good_packets"] for p in instance.rpc_stats()["ports"])
+
+    wait_until(counting, what="both ports counting")
+    instance.ports[1].driver.dev.surprise_remove()
+    with caplog.at_level(logging.ERROR, logger="ixyd"):
+        for _ in range(3):
+            instance.sample_rates()
+            status = instance.status_text()
+    assert status.endswith("demo.1 removed") and status.startswith("demo.0 link up")
+    assert instance.rpc_status()["removed_ports"] == ["demo.1"]
+    ports = {p["name"]: p for p in instance.rpc_ports()["ports"]}
+    assert ports["demo.0"]["present"] and "removed" not in ports["demo.0"]
+    assert ports["demo.1"]["present"] is False and "0xFFFFFFFF" in ports["demo.1"]["removed"]
+    assert ports["demo.1"]["link"] == {"up": False, "speed_mbps": 0}
+    link = {p["name"]: p for p in instance.rpc_link()["ports"]}
+    assert link["demo.1"] == {"name": "demo.1", "up": False, "speed_mbps": 0, "present": False}
+
+    def nic_counters(name):
+        (entry,) = instance.rpc_stats(name)["ports"]
+        return entry["present"], entry["counters"]["rx_good_packets"], entry["counters"]
+
+    present, frozen, _ = nic_counters("demo.1")
+    assert not present and frozen > 0  # what the NIC had counted when last read
+    _, before, counters = nic_counters("demo.0")
+    wait_until(lambda: nic_counters("demo.0")[1] > before, what="demo.0 counting on")
+    assert nic_counters("demo.1")[1] == frozen
+    with pytest.raises(DeviceRemovedError):
+        instance.rpc_set_promisc("demo.1", True)
+    assert instance.rpc_set_forward("demo.1", "drop")["forward"] == {"mode": "drop"}
+    assert instance.rpc_reset_stats() == {"ports": ["demo.0", "demo.1"]}
+    logged = [r for r in caplog.records if "keeps its last counters" in r.getMessage()]
+    assert len(logged) == 1 and "demo.1" in logged[0].getMessage()

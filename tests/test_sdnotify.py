@@ -232,8 +232,11 @@ def test_progress_watchdog_without_a_watchdog_does_nothing():
 def test_status_text_names_link_and_rates():
     text = status_text(
         [
-            ("card.0", True, 10000, {"rx_pps": 1_234_567.0, "tx_pps": 999.0}),
-            ("card.1", False, 0, None),
+            ("card.0", True, 10000, {"rx_pps": 1_234_567.0, "tx_pps": 999.0}, False),
+            ("card.1", False, 0, None, False),
+            ("card.2", False, 0, {"rx_pps": 0.0, "tx_pps": 0.0}, True),
         ]
     )
-    assert text == "card.0 link up 10G, rx 1.23 Mpps, tx 999 pps; card.1 link down"
+    assert text == (
+        "card.0 link up 10G, rx 1.23 Mpps, tx 999 pps; card.1 link down; card.2 removed"
+    )
