@@ -1095,7 +1095,11 @@ IXYD_METHODS: dict[str, MethodSpec] = {
     # A test aid, not for production: make a worker hang (`stall`: its loop spins without
     # polling), so that the systemd watchdog kills and restarts the instance.
     "inject_fault": MethodSpec(
-        {"fault": Param(str, choices=("stall",)), "worker": Param(int, minimum=0)},
+        {
+            "fault": Param(str, choices=("stall", "remove")),
+            "worker": Param(int, required=False, minimum=0),  # stall: which worker
+            "port": Param(str, required=False),  # remove: which model port
+        },
         mutating=True,
     ),
 }

@@ -497,8 +497,16 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], dict], Renderer]] 
     "call": ("", _raw_params, lambda r, a: json.dumps(r, indent=2)),
     "debug": (
         "inject_fault",
-        lambda a: {"fault": "stall", "worker": a.worker},
-        lambda r, a: f"worker {r.get('worker', a.worker)} stalled (fault injection)",
+        lambda a: (
+            {"fault": "remove", "port": a.port}
+            if a.fault == "remove-port"
+            else {"fault": "stall", "worker": a.worker}
+        ),
+        lambda r, a: (
+            f"port {r.get('port', a.port)} unplugged (fault injection)"
+            if a.fault == "remove-port"
+            else f"worker {r.get('worker', a.worker)} stalled (fault injection)"
+        ),
     ),
 }
 
@@ -602,10 +610,12 @@ def build_parser() -> argparse.ArgumentParser:
     debug = command(
         "debug",
         "test aids, not for production: `stall-worker` makes a worker hang (its loop spins "
-        "without polling), so that the systemd watchdog restarts the instance",
+        "without polling), so that the systemd watchdog restarts the instance; `remove-port` "
+        "unplugs a model port (its NIC reads all-ones)",
     )
-    debug.add_argument("fault", choices=("stall-worker",))
+    debug.add_argument("fault", choices=("stall-worker", "remove-port"))
     debug.add_argument("--worker", type=int, default=0, metavar="N", help="worker number (0)")
+    debug.add_argument("--port", metavar="PORT", help="the model port to unplug (remove-port)")
     return parser
 
 
@@ -721,6 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
     if not timeout > 0:
         parser.error(f"--timeout must be more than 0 seconds, got {timeout:g}")
+    if args.command == "debug" and args.fault == "remove-port" and not args.port:
+        parser.error("debug remove-port needs --port PORT")
     as_json = getattr(args, "json", False)
     if args.command == "capture":
         try:

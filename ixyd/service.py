@@ -696,8 +696,24 @@ class Instance:
         self.stop_requested.set()
         return {"stopping": True}
 
-    def rpc_inject_fault(self, fault: str, worker: int) -> dict:
-        """Test aid (docs/control.md): `stall` makes worker number `worker` hang."""
+    def rpc_inject_fault(self, fault: str, worker: int | None = None, port: str | None = None):
+        """Test aids (docs/control.md): `stall` makes worker number `worker` hang; `remove`
+        unplugs model port `port` (its NIC reads all-ones from then on)."""
+        if fault == "remove":
+            if port is None:
+                raise RpcError(ErrorCode.INVALID_PARAMS, "fault 'remove' needs 'port'")
+            target_port = self._find(port)
+            if target_port.spec.backend != "model":
+                raise RpcError(
+                    ErrorCode.INVALID_PARAMS,
+                    f"{port} is a {target_port.spec.backend} port: only a model port can be "
+                    "unplugged by a command",
+                )
+            log.warning("inject_fault: unplugging model port %s (test aid)", port)
+            target_port.driver.dev.surprise_remove()
+            return {"fault": fault, "port": port}
+        if worker is None:
+            raise RpcError(ErrorCode.INVALID_PARAMS, "fault 'stall' needs 'worker'")
         running = [w for w in self.workers if w.running]
         if worker >= len(self.workers) or not self.workers[worker].running:
             raise RpcError(

@@ -135,7 +135,10 @@ class FakeDaemon:
         def shutdown():
             return {"stopping": True}
 
-        def inject_fault(fault, worker):
+        def inject_fault(fault, worker=None, port=None):
+            if fault == "remove":
+                self.removed.add(self.port_names(port)[0])
+                return {"fault": fault, "port": port}
             return {"fault": fault, "worker": f"ixyd-w{worker}-demo.{worker}.q0"}
 
         def capture(port, **options):  # the real one: tests/test_capture.py
@@ -357,6 +360,15 @@ def test_debug_stall_worker_sends_inject_fault(daemon):
         ("inject_fault", {"fault": "stall", "worker": 0}),
         ("inject_fault", {"fault": "stall", "worker": 1}),
     ]
+
+
+def test_debug_remove_port_sends_inject_fault_and_needs_a_port(daemon):
+    assert ok("-i", "demo", "debug", "remove-port", "--port", "demo.1") == (
+        "port demo.1 unplugged (fault injection)\n"
+    )
+    assert daemon.requests == [("inject_fault", {"fault": "remove", "port": "demo.1"})]
+    refused = run_ctl("-i", "demo", "debug", "remove-port")
+    assert refused.returncode == 2 and "needs --port PORT" in refused.stderr
 
 
 # a pcap header, then one record per chunk: what ixyd-ctl capture writes, byte for byte

@@ -59,7 +59,13 @@ def test_a_port_whose_nic_is_removed_is_reported_and_the_other_carries_on(instan
         return all(p["counters"]["rx_good_packets"] for p in instance.rpc_stats()["ports"])
 
     wait_until(counting, what="both ports counting")
-    instance.ports[1].driver.dev.surprise_remove()
+    with pytest.raises(RpcError) as refused:
+        instance.rpc_inject_fault("remove")
+    assert refused.value.code == ErrorCode.INVALID_PARAMS
+    assert instance.rpc_inject_fault("remove", port="demo.1") == {
+        "fault": "remove",
+        "port": "demo.1",
+    }
     with caplog.at_level(logging.ERROR, logger="ixyd"):
         for _ in range(3):
             instance.sample_rates()

@@ -175,6 +175,38 @@ def test_tap_mode_needs_the_tap_drop_in_and_works_with_it(container):
         container.run(["systemctl", "restart", SERVICE], timeout=60)
 
 
+def test_a_nic_that_goes_away_is_reported_and_the_instance_carries_on(container):
+    """A port's NIC unplugged under a running instance (fault injection on the model): the
+    daemon stays up, says `card.1 removed` in systemd's status line and marks the port in
+    ixyd-ctl, logs it once; a restart brings the port back."""
+    container.run(["systemctl", "start", SERVICE], timeout=60)
+    pid = container.show(SERVICE, "MainPID")["MainPID"]
+    out = ctl(container, "debug", "remove-port", "--port", "card.1").stdout
+    assert "card.1 unplugged" in out
+    shown = container.wait_for(
+        lambda: (
+            (s := container.show(SERVICE, "StatusText", "ActiveState", "MainPID"))
+            and "card.1 removed" in s["StatusText"]
+            and s
+        ),
+        "the status line to name the removed port",
+    )
+    assert shown["ActiveState"] == "active" and shown["MainPID"] == pid
+    assert shown["StatusText"].startswith("card.0 link up 10G")
+    ports = json.loads(ctl(container, "--json", "ports").stdout)["ports"]
+    assert [p["present"] for p in ports] == [True, False]
+    assert "REMOVED" in ctl(container, "link").stdout
+    status = json.loads(ctl(container, "--json", "status").stdout)
+    assert status["state"] == "running" and status["removed_ports"] == ["card.1"]
+    journal = container.run(
+        ["journalctl", "-u", SERVICE, "--no-pager", "-o", "cat", f"_PID={pid}"]
+    ).stdout
+    assert journal.count("keeps its last counters") == 1
+    container.run(["systemctl", "restart", SERVICE], timeout=60)
+    ports = json.loads(ctl(container, "--json", "ports").stdout)["ports"]
+    assert [p["present"] for p in ports] == [True, True]
+
+
 OTHER = "0000:04:00.0"  # a second instance, for the failures below
 OTHER_SERVICE = f"ixyd@{OTHER}.service"
 
