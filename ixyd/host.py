@@ -163,7 +163,8 @@ def install(
             f"{DAEMON_GROUP} with ProtectHome=yes, which hides {', '.join(HIDDEN_FROM_DAEMON)}"
             ":\n  " + "\n  ".join(problems) + "\nInstall ixyd into a venv made from a system "
             "Python outside those directories, e.g. `/usr/bin/python3 -m venv /opt/ixyd && "
-            "/opt/ixyd/bin/pip install ixyd`, and run /opt/ixyd/bin/ixyd-host install."
+            "/opt/ixyd/bin/pip install <ixyd checkout or wheel>`, and run "
+            '/opt/ixyd/bin/ixyd-host install (README, "Deploy").'
         )
     source = share_dir()
     where = DESTINATIONS["run" if runtime else "etc"]
