@@ -715,6 +715,18 @@ class ControlServer:
         if self._closing is not None:
             self._closing.set()
 
+    def check_not_running(self) -> None:
+        """ControlError if another process listens on this server's socket path (its
+        instance is running); a stale socket file is removed. For a daemon to call before
+        it touches its devices; serve() checks again. Nothing to do for a socket systemd
+        handed over."""
+        if self.activated:
+            return
+        try:
+            self._remove_stale_socket()
+        except OSError as exc:
+            raise ControlError(f"cannot check the control socket {self.path}: {exc}") from exc
+
     def _bind(self) -> socket.socket:
         assert self.path is not None
         directory = os.path.dirname(self.path) or "."

@@ -149,6 +149,10 @@ class Instance:
     def start(self) -> None:
         """Bring everything up; on failure release what was set up and re-raise."""
         try:
+            self.server = self._control_server()
+            # a second start of a running instance stops here, before it opens the devices
+            # the first one drives (a VFIO group, or a NIC it would reset)
+            self.server.check_not_running()
             saved = self.store.load()
             self._open_ports()
             self._build_workers()
@@ -289,11 +293,14 @@ class Instance:
         for port in model.values():
             port.traffic.start()
 
-    def _serve_control(self) -> None:
+    def _control_server(self) -> ControlServer:
         if self.config.control_socket:
-            server = ControlServer(self.config.control_socket)
-        else:
-            server = ControlServer.for_instance(self.config.instance, run_dir=self.run_dir)
+            return ControlServer(self.config.control_socket)
+        return ControlServer.for_instance(self.config.instance, run_dir=self.run_dir)
+
+    def _serve_control(self) -> None:
+        server = self.server
+        assert server is not None
         handlers = {
             "status": self.rpc_status,
             "ports": self.rpc_ports,
@@ -315,7 +322,6 @@ class Instance:
                 mutating=spec.mutating,
                 streaming=spec.streaming,
             )
-        self.server = server
         server.serve()
 
     def _serve_metrics(self) -> None:

@@ -632,6 +632,27 @@ def test_unauthorized_peers_are_refused_and_group_members_may_only_read(run_dir,
 
 
 # ---------------------------------------------------------------------------- 4. SIGTERM
+def test_a_second_start_of_a_running_instance_stops_before_the_devices(demo):
+    """Starting an instance that already runs fails at once with a clear message and
+    touches nothing: it never opens the ports (with VFIO, the first instance's group and
+    NIC), never serves metrics, and the first instance runs on undisturbed."""
+    second = subprocess.run(
+        [sys.executable, "-m", "ixyd.service", "--demo"]
+        + ["--run-dir", demo.run_dir, "--state-dir", demo.run_dir],
+        env=demo.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    log = second.stdout + second.stderr
+    assert second.returncode == 1, log
+    assert f"(pid {demo.proc.pid}) is listening" in log and "already running" in log
+    assert "bringing up" not in log and "metrics" not in log, log
+    assert demo.json("status")["pid"] == demo.proc.pid
+    traffic_moves(demo)
+    assert_clean_exit(demo)
+
+
 def test_sigterm_leaves_no_mapping_and_no_stale_socket(demo):
     wait_until(lambda: all(c["forwarded"] > 0 for c in demo.counters().values()), what="traffic")
     demo.ctl("set-forward", "demo.1", "generate", "--rate", "1000")  # a generator pool too
