@@ -136,6 +136,7 @@ class Instance:
         self.workers: list[Worker] = []
         self.store = StateStore(config.state_dir, config.instance)
         self.server: ControlServer | None = None
+        self.failure: str | None = None  # why run() gave up; main() then exits EXIT_FAILED
         self.metrics: MetricsServer | None = None
         self._model_nics: dict[str, Any] = {}
         self._vfio_container = None
@@ -739,7 +740,8 @@ class Instance:
     # ------------------------------------------------------------------ running
     def run(self) -> None:
         """Wait for a stop request, sampling rates, serving SIGHUP reloads and telling
-        systemd the status; the watchdog is fed only while every worker makes progress."""
+        systemd the status; the watchdog is fed only while every worker makes progress.
+        Returns early, with `failure` set, if a worker's loop ends on its own."""
         watchdog = ProgressWatchdog(self.notifier, lambda: self.workers)
         period = min(RATE_INTERVAL, (self.notifier.watchdog_period or 3 * RATE_INTERVAL) / 3)
         while not self.stop_requested.wait(period):
@@ -752,9 +754,13 @@ class Instance:
             except IxydError as exc:
                 log.error("sampling counters: %s", exc)
             watchdog.check()
-            for worker in self.workers:
-                if worker.error is not None and not worker.running:
-                    log.error("worker %s failed: %s", worker.name, worker.error)
+            ended = [w for w in self.workers if not w.running]
+            if ended:  # only stop() stops workers: a port has lost its poll loop
+                self.failure = "; ".join(
+                    f"worker {w.name} ended" + (f": {w.error!r}" if w.error else "") for w in ended
+                )
+                log.error("%s: stopping the instance, to be restarted", self.failure)
+                return
 
     def status_text(self) -> str:
         """systemd's STATUS= line: link and rates of every port."""
@@ -993,7 +999,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         instance.stop()
         log.info("instance %s stopped", config.instance)
-    return EXIT_OK
+    return EXIT_FAILED if instance.failure else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the control methods, the worker and its DMA memory."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 from hosttools import wait_until
@@ -94,3 +95,17 @@ def test_a_port_whose_nic_is_removed_is_reported_and_the_other_carries_on(instan
     assert instance.rpc_reset_stats() == {"ports": ["demo.0", "demo.1"]}
     logged = [r for r in caplog.records if "keeps its last counters" in r.getMessage()]
     assert len(logged) == 1 and "demo.1" in logged[0].getMessage()
+
+
+def test_a_worker_whose_loop_ends_stops_the_instance_as_a_failure(instance, caplog):
+    """Only stop() ends workers; a loop that ends by itself leaves a port without polling.
+    run() gives up with `failure` set (main() then exits 1, and systemd's Restart=
+    on-failure restarts the instance) instead of running on with a dead port."""
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: (instance.run(), done.set()), daemon=True)
+    runner.start()
+    assert not done.wait(1.5)  # healthy: run() keeps going
+    instance.workers[1].stop()
+    assert done.wait(10), "run() did not notice the ended worker"
+    assert instance.failure == f"worker {instance.workers[1].name} ended"
+    assert any("stopping the instance, to be restarted" in r.getMessage() for r in caplog.records)
