@@ -502,23 +502,6 @@ def tshark_fields(path, *fields) -> list[list[str]]:
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (clients forked as nobody)")
 
 
-@pytest.fixture
-def run_dir():
-    """Short (AF_UNIX paths are limited) and searchable by `nobody`."""
-    path = tempfile.mkdtemp(prefix="ixyd-cap-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.kill()
-
-
 # Port demo.0 has two RX queues (two workers, RSS over 8 flows): a capture of it merges two
 # rings. Frames of 128 bytes so that the UDP payload carries the model's whole header.
 TWO_QUEUES = """\

@@ -14,12 +14,10 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -108,23 +106,6 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.log = self.proc.communicate()[0]
-
-
-@pytest.fixture
-def run_dir():
-    """Short (AF_UNIX paths are limited) and searchable by `nobody`."""
-    path = tempfile.mkdtemp(prefix="ixyd-e2e-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 @pytest.fixture
