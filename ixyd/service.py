@@ -510,10 +510,10 @@ class Instance:
                 for port in self.ports:
                     a, b = before[port.name], current[port.name]
                     port.rates = {
-                        "rx_pps": (b.get("rx_packets", 0) - a.get("rx_packets", 0)) / dt,
-                        "rx_bps": 8 * (b.get("rx_bytes", 0) - a.get("rx_bytes", 0)) / dt,
-                        "tx_pps": (b.get("tx_packets", 0) - a.get("tx_packets", 0)) / dt,
-                        "tx_bps": 8 * (b.get("tx_bytes", 0) - a.get("tx_bytes", 0)) / dt,
+                        "rx_pps": (b["rx_packets"] - a["rx_packets"]) / dt,
+                        "rx_bps": 8 * (b["rx_bytes"] - a["rx_bytes"]) / dt,
+                        "tx_pps": (b["tx_packets"] - a["tx_packets"]) / dt,
+                        "tx_bps": 8 * (b["tx_bytes"] - a["tx_bytes"]) / dt,
                     }
         self._last_sample = (now, current)
 
