@@ -241,6 +241,35 @@ def _function_costs(annotated: str) -> dict[str, int]:
     return costs
 
 
+def run_callgrind(
+    function: str, child_args: list[str], out: str, result: str, what: str
+) -> tuple[dict, int]:
+    """Run this script as a child (`child_args`) under callgrind, collecting inside
+    `function` only; returns what the child wrote to `result` and the instructions counted
+    (the totals line of the callgrind output `out`)."""
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--toggle-collect={function}",
+        "--collect-atstart=no",
+        f"--callgrind-out-file={out}",
+        os.path.realpath(sys.executable),  # the interpreter binary, never a shim script
+        os.path.abspath(__file__),
+        *child_args,
+        "--result-file",
+        result,
+    ]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"callgrind run ({what}) failed:\n{run.stderr[-3000:]}")
+    with open(result) as f:
+        forwarded = json.load(f)
+    with open(out) as f:
+        total = next(int(ln.split()[1]) for ln in f if ln.startswith(("totals:", "summary:")))
+    return forwarded, total
+
+
 def bench_callgrind(packets: int) -> list[Row]:
     """Run callgrind_child under valgrind for each batch size; instructions per packet."""
     if not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
@@ -252,36 +281,17 @@ def bench_callgrind(packets: int) -> list[Row]:
                 note="valgrind not found; scripts/bootstrap installs it",
             )
         ]
-    python = os.path.realpath(sys.executable)  # the interpreter binary, never a shim script
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     rows = []
     with tempfile.TemporaryDirectory(prefix="ixyd-callgrind-") as tmp:
         for batch in BATCH_SIZES:
             out, result = os.path.join(tmp, f"cg.{batch}"), os.path.join(tmp, f"result.{batch}")
-            cmd = [
-                "valgrind",
-                "--tool=callgrind",
-                f"--toggle-collect={CALLGRIND_FUNCTION}",
-                "--collect-atstart=no",
-                f"--callgrind-out-file={out}",
-                python,
-                os.path.abspath(__file__),
-                "--callgrind-child",
-                str(batch),
-                "--packets",
-                str(packets),
-                "--result-file",
+            forwarded, total = run_callgrind(
+                CALLGRIND_FUNCTION,
+                ["--callgrind-child", str(batch), "--packets", str(packets)],
+                out,
                 result,
-            ]
-            run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if run.returncode:
-                raise RuntimeError(f"callgrind run for batch {batch} failed:\n{run.stderr[-3000:]}")
-            with open(result) as f:
-                forwarded = json.load(f)
-            with open(out) as f:
-                totals = [
-                    int(line.split()[1]) for line in f if line.startswith(("totals:", "summary:"))
-                ]
+                f"batch {batch}",
+            )
             annotate = subprocess.run(
                 ["callgrind_annotate", "--threshold=100", out],
                 capture_output=True,
@@ -289,7 +299,7 @@ def bench_callgrind(packets: int) -> list[Row]:
                 check=True,
             ).stdout
             costs = _function_costs(annotate)
-            total, n = totals[0], forwarded["packets"]
+            n = forwarded["packets"]
             split = {
                 name: costs.get(f"ixyd_{name}", 0) / n
                 for name in ("rx_batch", "tx_batch", "forward_iterations")
@@ -617,40 +627,20 @@ def capture_instructions(packets: int) -> list[Row]:
     """Instructions per forwarded packet of the worker loop, capture off and armed."""
     if not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
         return [Row("e", "instructions/packet: skipped", 0, note="valgrind not found")]
-    python = os.path.realpath(sys.executable)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     rows, per_packet = [], {}
     runs = [(size, armed) for size in CAPTURE_FRAME_SIZES for armed in (False, True)]
     with tempfile.TemporaryDirectory(prefix="ixyd-callgrind-") as tmp:
         for size, armed in runs:
             out = os.path.join(tmp, f"cg.{size}.{armed}")
             result = os.path.join(tmp, f"res.{size}.{armed}")
-            cmd = [
-                "valgrind",
-                "--tool=callgrind",
-                f"--toggle-collect={CAPTURE_CALLGRIND_FUNCTION}",
-                "--collect-atstart=no",
-                f"--callgrind-out-file={out}",
-                python,
-                os.path.abspath(__file__),
-                "--capture-child",
-                "armed" if armed else "off",
-                "--frame-size",
-                str(size),
-                "--packets",
-                str(packets),
-                "--result-file",
+            forwarded, total = run_callgrind(
+                CAPTURE_CALLGRIND_FUNCTION,
+                ["--capture-child", "armed" if armed else "off", "--frame-size", str(size)]
+                + ["--packets", str(packets)],
+                out,
                 result,
-            ]
-            run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if run.returncode:
-                raise RuntimeError(f"callgrind run (capture {armed}) failed:\n{run.stderr[-3000:]}")
-            with open(result) as f:
-                forwarded = json.load(f)
-            with open(out) as f:
-                total = next(
-                    int(line.split()[1]) for line in f if line.startswith(("totals:", "summary:"))
-                )
+                f"capture {armed}",
+            )
             n = forwarded["packets"]
             per_packet[size, armed] = total / n
             note = f"batch {CAPTURE_BATCH}, {n} pkts"
