@@ -168,13 +168,7 @@ class ControlClient:
             raise CtlError(
                 f"{self.who} closed the connection: {exc.strerror or exc}", EXIT_ERROR
             ) from None
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        try:
-            return json.loads(line)
-        except ValueError as exc:
-            raise CtlError(
-                f"{self.who} sent something that is not JSON: {exc}", EXIT_ERROR
-            ) from None
+        return self._pop_message()
 
     def send_line(self, data: bytes = b"\n") -> None:
         """Send raw bytes (a streaming method's stop request); errors are ignored: a
@@ -184,6 +178,16 @@ class ControlClient:
                 self._sock.sendall(data)
             except OSError:
                 pass
+
+    def _pop_message(self) -> Any:
+        """The first complete line of the buffer, decoded as JSON."""
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            return json.loads(line)
+        except ValueError as exc:
+            raise CtlError(
+                f"{self.who} sent something that is not JSON: {exc}", EXIT_ERROR
+            ) from None
 
     def _read_reply(self, deadline: float) -> Any:
         assert self._sock is not None
@@ -198,13 +202,7 @@ class ControlClient:
             self._buffer += chunk
             if len(self._buffer) > MAX_REPLY:
                 raise CtlError(f"{self.who} sent a reply over {MAX_REPLY} bytes", EXIT_ERROR)
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        try:
-            return json.loads(line)
-        except ValueError as exc:
-            raise CtlError(
-                f"{self.who} sent something that is not JSON: {exc}", EXIT_ERROR
-            ) from None
+        return self._pop_message()
 
 
 def _socket_permission_hint(path: str) -> str:
