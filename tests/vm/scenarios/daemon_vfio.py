@@ -29,7 +29,6 @@ import socket as socketlib
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,6 +37,7 @@ from guest_checks import (  # noqa: E402
     check,
     dmar_faults,
     netdevs,
+    run_and_report,
     step,
     wait_for,
 )
@@ -262,22 +262,15 @@ def main() -> int:
     summary: dict = {"scenario": "daemon_vfio", "generate_count": GENERATE_COUNT}
     timings: dict = {}
     summary["timings"] = timings
-    started = time.monotonic()
-    try:
-        run(summary, timings)
-        summary["ok"] = True
-    except Exception as exc:  # every failure as JSON, the traceback on stderr
-        traceback.print_exc()
-        summary["ok"] = False
-        summary["error"] = f"{type(exc).__name__}: {exc}"
-    if LOG.exists():
-        text = LOG.read_text()
-        summary["daemon_log_tail"] = text.splitlines()[-40:]
-        summary["daemon_log_errors"] = [x for x in text.splitlines() if " ERROR " in x]
-        print("---- ixyd log ----\n" + text, file=sys.stderr, flush=True)
-    summary["seconds"] = round(time.monotonic() - started, 3)
-    print(json.dumps(summary, sort_keys=True), flush=True)
-    return 0 if summary["ok"] else 1
+
+    def attach_daemon_log() -> None:
+        if LOG.exists():
+            text = LOG.read_text()
+            summary["daemon_log_tail"] = text.splitlines()[-40:]
+            summary["daemon_log_errors"] = [x for x in text.splitlines() if " ERROR " in x]
+            print("---- ixyd log ----\n" + text, file=sys.stderr, flush=True)
+
+    return run_and_report(summary, lambda: run(summary, timings), after=attach_daemon_log)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ failed `check(condition, message)` (CheckFailed) and log `step`s; the VFIO ones
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 DMAR_FAULT_MARKERS = ("DMAR: [DMA", "DMAR: DRHD: handling fault", "fault addr")
@@ -51,6 +54,27 @@ def dmar_faults() -> list[str]:
     """The IOMMU fault lines in the kernel log: a DMA outside what VFIO mapped."""
     log = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
     return [line for line in log.splitlines() if any(m in line for m in DMAR_FAULT_MARKERS)]
+
+
+def run_and_report(
+    summary: dict, body: Callable[[], None], after: Callable[[], None] | None = None
+) -> int:
+    """Run a scenario `body` that fills `summary`, then `after` (logs to attach), and print
+    the summary as the JSON line the host reads: ok, and on failure the error (the
+    traceback goes to stderr), and how long it took. Returns the exit code."""
+    started = time.monotonic()
+    try:
+        body()
+        summary["ok"] = True
+    except Exception as exc:  # every failure as JSON, the traceback on stderr
+        traceback.print_exc()
+        summary["ok"] = False
+        summary["error"] = f"{type(exc).__name__}: {exc}"
+    if after is not None:
+        after()
+    summary["seconds"] = round(time.monotonic() - started, 3)
+    print(json.dumps(summary, sort_keys=True), flush=True)
+    return 0 if summary["ok"] else 1
 
 
 class Report:

@@ -34,20 +34,19 @@ passed.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import struct
 import subprocess
 import sys
 import time
-import traceback
 from ipaddress import ip_address
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.dirname(HERE))), HERE]  # repo, here
 
 import guest_pci  # noqa: E402  (guest-side helper next to this file)
+from guest_checks import run_and_report  # noqa: E402
 from ixyd._datapath import ffi  # noqa: E402
 
 from ixyd.drivers import igb_registers as r  # noqa: E402
@@ -409,17 +408,7 @@ def phase_one(summary: dict, port_a: IgbPort, port_b: IgbPort) -> None:
 def main() -> int:
     logging.basicConfig(level=logging.DEBUG, format="%(name)s %(levelname)s: %(message)s")
     summary: dict = {"scenario": "igb_forward", "frames_per_direction": FRAMES_PER_DIRECTION}
-    started = time.monotonic()
-    try:
-        run(summary)
-        summary["ok"] = True
-    except Exception as exc:  # report every failure as JSON, with the traceback on stderr
-        traceback.print_exc()
-        summary["ok"] = False
-        summary["error"] = f"{type(exc).__name__}: {exc}"
-    summary["seconds"] = round(time.monotonic() - started, 3)
-    print(json.dumps(summary, sort_keys=True), flush=True)
-    return 0 if summary["ok"] else 1
+    return run_and_report(summary, lambda: run(summary))
 
 
 if __name__ == "__main__":

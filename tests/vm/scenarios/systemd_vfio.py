@@ -40,7 +40,6 @@ import subprocess
 import sys
 import time
 import tomllib
-import traceback
 import urllib.request
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from guest_checks import (  # noqa: E402
     check,
     dmar_faults,
     netdevs,
+    run_and_report,
     step,
     wait_for,
 )
@@ -559,17 +559,7 @@ def main() -> int:
     summary: dict = {"scenario": "systemd_vfio", "generate_count": GENERATE_COUNT}
     timings: dict = {}
     summary["timings"] = timings
-    started = time.monotonic()
-    try:
-        scenario(summary, timings)
-        summary["ok"] = True
-    except Exception as exc:  # every failure as JSON, the traceback on stderr
-        traceback.print_exc()
-        summary["ok"] = False
-        summary["error"] = f"{type(exc).__name__}: {exc}"
-    summary["seconds"] = round(time.monotonic() - started, 3)
-    print(json.dumps(summary, sort_keys=True), flush=True)
-    return 0 if summary["ok"] else 1
+    return run_and_report(summary, lambda: scenario(summary, timings))
 
 
 if __name__ == "__main__":
