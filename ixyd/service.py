@@ -264,16 +264,27 @@ class Instance:
                 k += 1
 
     def _restore(self, port: ServicePort, saved: dict[str, Any]) -> None:
-        forward = port.spec.forward
+        """Lay the saved settings of `port` over its configuration. A saved forwarding that
+        cannot be applied (it makes no sense, names a port that is gone, or needs a TAP the
+        sandbox or another interface's name forbids) is logged and set aside in the state
+        file, and the configuration's forwarding is used: a state file never stops a start."""
+        restored = False
         if "forward" in saved:
             try:
                 forward = Forward.parse(saved["forward"], f"state {port.name}.forward")
                 self._check_target(port, forward)
                 log.info("%s: restoring forwarding %s", port.name, forward.to_json())
-            except (ConfigError, RpcError) as exc:
-                log.warning("%s: ignoring the saved forwarding: %s", port.name, exc)
-                forward = port.spec.forward
-        self._apply_forward(port, forward)
+                self._apply_forward(port, forward)
+                restored = True
+            except (IxydError, RpcError) as exc:  # ConfigError, TapError, DeviceError ...
+                log.warning(
+                    "%s: cannot restore the saved forwarding, using the configuration's: %s",
+                    port.name,
+                    exc,
+                )
+                self.store.set_aside_setting(port.name, "forward", exc)
+        if not restored:
+            self._apply_forward(port, port.spec.forward)
         promisc = saved.get("promisc")
         if isinstance(promisc, bool) and promisc != port.driver.promisc:
             port.driver.set_promisc(promisc)

@@ -5,7 +5,10 @@ over the configuration at the next start. Writes are atomic: a temporary file in
 same directory, fsync, rename, fsync of the directory; a reader sees the old file or the
 new one, never half of one. A file that cannot be read or makes no sense is logged, kept
 aside as `<instance>.json.bad` for a human to look at, and ignored: a bad state file never
-stops the daemon.
+stops the daemon. So is a file with one setting the daemon cannot apply (a saved TAP the
+sandbox does not allow, an interface name someone else took): the file as it was goes to
+`.bad`, the file without that setting takes its place, and the port starts with what its
+configuration says.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ class StateStore:
         except FileNotFoundError:
             self.ports = {}
             return {}
-        except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeError too
+        # ValueError: json.JSONDecodeError and UnicodeError too; RecursionError: nesting
+        # deeper than the interpreter's recursion limit, which json.loads does not catch
+        except (OSError, ValueError, RecursionError) as exc:
             self._set_aside(exc)
             self.ports = {}
             return {}
@@ -79,6 +84,33 @@ class StateStore:
             os.fsync(dir_fd)  # the rename itself survives a crash
         finally:
             os.close(dir_fd)
+
+    def set_aside_setting(self, port: str, key: str, problem: object) -> None:
+        """Drop setting `key` of `port`, which could not be applied (`problem` says why):
+        the file as it was is kept as <path>.bad, the file without the setting is written,
+        so that the next start does not try it again. Never raises; logs what it did."""
+        settings = self.ports.get(port, {})
+        settings.pop(key, None)
+        if not settings:
+            self.ports.pop(port, None)
+        bad = self.path + ".bad"
+        try:
+            os.replace(self.path, bad)
+            kept = f"the file as it was is kept as {bad}"
+        except OSError as exc:
+            kept = f"could not keep the file as it was: {exc}"
+        try:
+            self.save()
+        except OSError as exc:
+            kept += f"; could not write the rest back: {exc}"
+        log.warning(
+            "state file %s: the saved %s of %s is unusable (%s); set aside (%s)",
+            self.path,
+            key,
+            port,
+            problem,
+            kept,
+        )
 
     def _set_aside(self, problem: Exception) -> None:
         bad = self.path + ".bad"

@@ -166,6 +166,55 @@ def test_corrupt_state_file_is_set_aside(tmp_path):
         d.terminate()
 
 
+def test_state_file_nested_too_deep_for_json_is_set_aside(tmp_path):
+    """json.loads raises RecursionError, not ValueError, past the interpreter's recursion
+    limit: it crashed the start (and systemd restarted it into the same crash)."""
+    deep = '{"version": 1, "ports": {"demo.0": {"forward": ' + "[" * 100_000 + "]" * 100_000
+    (tmp_path / "demo.json").write_text(deep + "}}}")
+    d = Daemon(tmp_path, "--demo-rate", "1000")
+    try:
+        assert d.json("get-forward")["ports"][0]["forward"] == {"mode": "port", "to": "demo.1"}
+        assert (tmp_path / "demo.json.bad").read_text() == deep + "}}}"
+    finally:
+        code, out, _ = d.terminate()
+    assert code == 0, out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (an interface to collide with)")
+def test_saved_tap_whose_name_is_taken_is_set_aside_and_the_config_used(tmp_path):
+    """A saved `tap` forwarding whose interface name another interface has taken meanwhile
+    made the start exit 1, again at every restart: the instance starts with the
+    configuration's forwarding, the entry leaves the state file, the file as it was is
+    kept as .bad."""
+    taken = f"ixtsystemd{os.getpid() % 10000}"
+    peer = f"ixpsystemd{os.getpid() % 10000}"
+    subprocess.run(["ip", "link", "add", taken, "type", "veth", "peer", "name", peer], check=True)
+    saved = {
+        "version": 1,
+        "ports": {
+            "demo.0": {"forward": {"mode": "tap", "ifname": taken}, "promisc": False},
+            "demo.1": {"forward": {"mode": "reflect", "swap_mac": True}},
+        },
+    }
+    (tmp_path / "demo.json").write_text(json.dumps(saved))
+    try:
+        d = Daemon(tmp_path, "--demo-rate", "1000")
+        try:
+            forward = {p["name"]: p["forward"] for p in d.json("get-forward")["ports"]}
+            assert forward["demo.0"] == {"mode": "port", "to": "demo.1"}  # the configuration's
+            assert forward["demo.1"] == {"mode": "reflect", "swap_mac": True}  # restored
+            assert [p["promisc"] for p in d.json("ports")["ports"]] == [False, True]
+            state = json.loads((tmp_path / "demo.json").read_text())["ports"]
+            assert state == {"demo.0": {"promisc": False}, "demo.1": saved["ports"]["demo.1"]}
+            assert json.loads((tmp_path / "demo.json.bad").read_text()) == saved
+        finally:
+            code, out, _ = d.terminate()
+        assert code == 0, out
+        assert f"interface {taken!r} already exists" in out
+    finally:
+        subprocess.run(["ip", "link", "del", taken], check=False)
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
 )
