@@ -1091,6 +1091,7 @@ IXYD_METHODS: dict[str, MethodSpec] = {
     "reset_stats": MethodSpec(_PORT_FILTER, mutating=True),
     "set_promisc": MethodSpec({"port": Param(str), "on": Param(bool)}, mutating=True),
     "shutdown": MethodSpec({}, mutating=True),
+    "reload": MethodSpec({}, mutating=True),  # re-read the configuration file (SIGHUP)
     # mutating: it hands out the traffic's content, which group members may not read
     "capture": MethodSpec(
         {

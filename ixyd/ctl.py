@@ -492,6 +492,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], dict], Renderer]] 
         ),
     ),
     "shutdown": ("shutdown", lambda a: {}, lambda r, a: f"{a.who} is shutting down"),
+    "reload": (
+        "reload",
+        lambda a: {},
+        lambda r, a: f"{a.who} re-read {r.get('config') or 'its built-in configuration'}; "
+        f"applied: {', '.join(r.get('applied') or []) or 'nothing changed'}",
+    ),
     "call": ("", _raw_params, lambda r, a: json.dumps(r, indent=2)),
     "debug": (
         "inject_fault",
@@ -590,6 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
     set_promisc.add_argument("port", metavar="PORT", help="a port's name or PCI address")
     set_promisc.add_argument("state", choices=("on", "off"))
     command("shutdown", "stop the instance (workers, device, socket)")
+    command(
+        "reload",
+        "re-read the configuration file and apply what it changed; exit 1, with the running "
+        "configuration kept, when the file is refused (systemctl reload runs this)",
+    )
     capture = command(
         "capture", "write the frames a port receives to a pcap file (tshark, tcpdump read it)"
     )

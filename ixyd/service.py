@@ -133,6 +133,7 @@ class Instance:
         # runtime changes come from the control thread (ixyd-ctl) and from SIGHUP reloads
         # (main thread): one at a time
         self._changes = threading.Lock()
+        self._reloading = threading.Lock()  # SIGHUP (main thread) or `reload` (control)
         self.workers: list[Worker] = []
         self.store = StateStore(config.state_dir, config.instance)
         self.server: ControlServer | None = None
@@ -323,6 +324,7 @@ class Instance:
             "reset_stats": self.rpc_reset_stats,
             "set_promisc": self.rpc_set_promisc,
             "shutdown": self.rpc_shutdown,
+            "reload": self.rpc_reload,
             "inject_fault": self.rpc_inject_fault,
             "capture": self.rpc_capture,
         }
@@ -709,6 +711,10 @@ class Instance:
                 extra={"DEVICE": name},
             )
 
+    def rpc_reload(self) -> dict:
+        """`reload`: what SIGHUP does, answered when done (ExecReload= of ixyd@.service)."""
+        return self.reload()
+
     def rpc_shutdown(self) -> dict:
         log.info("shutdown requested over the control socket")
         self.stop_requested.set()
@@ -758,7 +764,8 @@ class Instance:
         while not self.stop_requested.wait(period):
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
-                self.reload()
+                with contextlib.suppress(IxydError, RpcError):  # reload() logged why
+                    self.reload()
             try:
                 self.sample_rates()
                 self.notifier.status(self.status_text())
@@ -779,46 +786,66 @@ class Instance:
             (p.name, *self._link(p), p.rates, p.removed is not None) for p in self.ports
         )
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the configuration and apply the forwarding and promisc settings
-        the file changed since it was loaded; what ixyd-ctl set for keys the file did not
-        change stays. Port layout changes need a restart."""
-        if self.config_path is None and self.config.source is None:
-            log.info("SIGHUP: built-in configuration, nothing to reload")
-            return
+    def reload(self) -> dict:
+        """Re-read the configuration and apply the forwarding and promisc settings the file
+        changed since it was loaded; what ixyd-ctl set for keys the file did not change
+        stays. For SIGHUP (main thread) and the `reload` method (control thread: systemd's
+        ExecReload=, which fails when this raises). Returns {"config": path, "applied":
+        [what changed]}. Raises ConfigError, with the running configuration untouched, when
+        the file is refused (syntax, a key, a value) or its ports changed (that needs a
+        restart); IxydError naming the settings that were refused, after the others were
+        applied; RpcError BUSY while another reload is in progress."""
+        source = self.config_path or self.config.source
+        if source is None:
+            log.info("reload: built-in configuration, nothing to reload")
+            return {"config": None, "applied": []}
+        if not self._reloading.acquire(timeout=CHANGE_WAIT):
+            raise RpcError(ErrorCode.BUSY, "a reload is in progress already; try again")
         self.state = "reloading"
         self.notifier.reloading()
         try:
-            new = load(self.config.instance, self.config_path or self.config.source)
-        except ConfigError as exc:
-            log.error("SIGHUP: keeping the running configuration: %s", exc)
+            return self._reload(source)
+        except (IxydError, RpcError) as exc:
+            log.error("reload of %s refused: %s", source, exc)
+            raise
+        finally:
             self.state = "running"
             self.notifier.ready(self.status_text())
-            return
+            self._reloading.release()
+
+    def _reload(self, source) -> dict:
+        new = load(self.config.instance, source)  # ConfigError: nothing changed
 
         def layout(spec: PortSpec) -> PortSpec:
             live = dataclasses.replace(spec.port, promisc=False)
             return dataclasses.replace(spec, forward=Forward(), port=live)
 
         if [layout(p) for p in new.ports] != [layout(p) for p in self.config.ports]:
-            log.warning(
-                "SIGHUP: the ports changed in %s; restart the instance to apply that", new.source
+            raise ConfigError(
+                f"the ports changed in {new.source}; restart the instance to apply that "
+                "(the running configuration stays)"
             )
-        else:
-            applied = self._apply_config_changes(self.config, new)
-            self.config = new
-            log.info(
-                "SIGHUP: configuration %s re-read; applied: %s",
-                new.source,
-                ", ".join(applied) or "nothing changed",
+        applied, refused = self._apply_config_changes(self.config, new)
+        self.config = new
+        log.info(
+            "reload: configuration %s re-read; applied: %s",
+            new.source,
+            ", ".join(applied) or "nothing changed",
+        )
+        if refused:
+            raise IxydError(
+                f"configuration {new.source} re-read, but not applied: {'; '.join(refused)}"
+                + (f" (applied: {', '.join(applied)})" if applied else "")
             )
-        self.state = "running"
-        self.notifier.ready(self.status_text())
+        return {"config": new.source, "applied": applied}
 
-    def _apply_config_changes(self, old: InstanceConfig, new: InstanceConfig) -> list[str]:
+    def _apply_config_changes(
+        self, old: InstanceConfig, new: InstanceConfig
+    ) -> tuple[list[str], list[str]]:
         """Apply the per-port settings that differ between two configurations of the same
-        port layout; a refused one is logged and skipped. Returns what was applied."""
-        applied = []
+        port layout; a refused one is logged and skipped. Returns (what was applied, what
+        was refused and why)."""
+        applied, refused = [], []
         with self._changes:
             for before, after, port in zip(old.ports, new.ports, self.ports, strict=True):
                 try:
@@ -830,8 +857,9 @@ class Instance:
                         self._persist(port.name, promisc=after.port.promisc)
                         applied.append(f"{port.name} promisc {after.port.promisc}")
                 except (IxydError, RpcError) as exc:
-                    log.error("SIGHUP: %s: not applied: %s", port.name, exc)
-        return applied
+                    log.error("reload: %s: not applied: %s", port.name, exc)
+                    refused.append(f"{port.name}: {exc}")
+        return applied, refused
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:

@@ -135,6 +135,9 @@ class FakeDaemon:
         def shutdown():
             return {"stopping": True}
 
+        def reload():
+            return {"config": "/etc/ixyd/demo.toml", "applied": ["demo.1 forward drop"]}
+
         def inject_fault(fault, worker=None, port=None):
             if fault == "remove":
                 self.removed.add(self.port_names(port)[0])
@@ -159,6 +162,7 @@ class FakeDaemon:
             "reset_stats": reset_stats,
             "set_promisc": set_promisc,
             "shutdown": shutdown,
+            "reload": reload,
             "capture": capture,
             "inject_fault": inject_fault,
         }

@@ -343,3 +343,65 @@ def test_sighup_applies_what_the_file_changed_and_keeps_other_runtime_changes(tm
         out = proc.communicate(timeout=10)[0]
     assert proc.returncode == 0, out
     assert "applied: lab.1 forward" in out
+
+
+def test_reload_method_answers_and_a_refused_file_keeps_the_running_configuration(tmp_path):
+    """`ixyd-ctl reload` (ExecReload= of ixyd@.service) re-reads the file and answers once
+    done: a file the daemon refuses (TOML syntax, a misspelt key, changed ports) fails the
+    call with the reason and the running configuration stays; a good one is applied."""
+    path = tmp_path / "lab.toml"
+    path.write_text(LAB_CONFIG.format(promisc="true", forward='{ mode = "port", to = "lab.0" }'))
+    env = {**os.environ, "IXYD_RUN_DIR": str(tmp_path)}
+    env.pop("JOURNAL_STREAM", None)
+    args = ["--config", str(path), "--run-dir", str(tmp_path), "--state-dir", str(tmp_path)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ixyd.service", "lab", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def ctl(*a: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "ixyd-ctl"), "-i", "lab", "--timeout", "20", *a],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def forward_of_lab1() -> dict:
+        done = ctl("--json", "get-forward", "lab.1")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["ports"][0]["forward"]
+
+    good = LAB_CONFIG.format(promisc="true", forward='{ mode = "port", to = "lab.0" }')
+    refused = {
+        "[[port\n": "not valid TOML",
+        "colour = 1\n" + good: "unknown key colour",
+        good.replace("rx_ring = 256", "rx_ring = 128", 1): "restart the instance",
+    }
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (tmp_path / "lab.sock").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"ixyd did not start: {proc.communicate()[0]}")
+            time.sleep(0.05)
+        for text, reason in refused.items():
+            path.write_text(text)
+            done = ctl("reload")
+            assert done.returncode == 1 and reason in done.stderr, (text, done)
+            assert forward_of_lab1() == {"mode": "port", "to": "lab.0"}
+        path.write_text(LAB_CONFIG.format(promisc="true", forward='"drop"'))
+        done = ctl("reload")
+        assert done.returncode == 0, done.stderr
+        assert "applied: lab.1 forward" in done.stdout
+        assert forward_of_lab1() == {"mode": "drop"}
+        status = json.loads(ctl("--json", "status").stdout)
+        assert status["state"] == "running"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=10)[0]
+    assert proc.returncode == 0, out

@@ -42,16 +42,14 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 @pytest.fixture(scope="module")
 def unit_root(tmp_path_factory):
     """A scratch root with the installed units, what verify needs to resolve them (the
-    distribution's units for sysinit.target and friends, /bin/kill of ExecReload=) and
-    stand-ins for the executables the units name."""
+    distribution's units for sysinit.target and friends) and stand-ins for the executables
+    the units name."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     root = tmp_path_factory.mktemp("root")
     shutil.copytree("/lib/systemd/system", root / "lib/systemd/system", symlinks=True)
-    (root / "bin").mkdir()
-    shutil.copy("/bin/kill", root / "bin" / "kill")
     (root / BIN_DIR.lstrip("/")).mkdir(parents=True)
-    for program in ("ixyd", "ixyd-host"):
+    for program in ("ixyd", "ixyd-host", "ixyd-ctl"):
         path = root / BIN_DIR.lstrip("/") / program
         path.write_text("#!/bin/sh\nexit 0\n")
         path.chmod(0o755)
