@@ -164,8 +164,10 @@ class Instance:
                 worker.start()
             self._start_traffic()
             self._serve_metrics()
-            self._serve_control()
+            # running before the socket serves: with socket activation a client is already
+            # waiting, and its first status must not say "starting" about a running instance
             self.state = "running"
+            self._serve_control()
             log.info(
                 "instance %s running: %d ports, %d workers",
                 self.config.instance,
