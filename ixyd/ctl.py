@@ -20,6 +20,7 @@ import pwd
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,15 +37,21 @@ EXIT_PERMISSION = 4  # the socket's permissions or the daemon's authorization re
 EXIT_TIMEOUT = 5  # no answer within --timeout
 
 DEFAULT_TIMEOUT = 5.0  # seconds for connect + request + reply
+UNIT_QUERY_TIMEOUT = 5.0  # seconds for `systemctl show` when the daemon cannot be reached
+UNIT_SETTLE = 5.0  # seconds a unit whose start just failed may take to run its stop helpers
+UNIT_SETTLE_POLL = 0.1  # seconds between two looks at it
 MAX_REPLY = 16 * 1024 * 1024  # bytes; a longer reply line is a broken daemon
 
 
 class CtlError(Exception):
     """A failure ixyd-ctl reports with `message` on stderr and exits with `exit_code`."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, *, daemon_gone: bool = False):
         super().__init__(message)
         self.exit_code = exit_code
+        # the daemon closed the connection unanswered: it died, or never started (a
+        # socket-activated start that failed); its unit may say why
+        self.daemon_gone = daemon_gone
 
 
 class RemoteError(Exception):
@@ -133,7 +140,9 @@ class ControlClient:
             ) from None
         except OSError as exc:
             raise CtlError(
-                f"{self.who} closed the connection: {exc.strerror or exc}", EXIT_ERROR
+                f"{self.who} closed the connection: {exc.strerror or exc}",
+                EXIT_ERROR,
+                daemon_gone=True,
             ) from None
         if not isinstance(reply, dict) or reply.get("id") not in (request_id, None):
             raise CtlError(f"{self.who} sent an answer to another request: {reply!r}", EXIT_ERROR)
@@ -166,7 +175,9 @@ class ControlClient:
             raise CtlError(f"{self.who} sent nothing for {timeout:g} s", EXIT_TIMEOUT) from None
         except OSError as exc:
             raise CtlError(
-                f"{self.who} closed the connection: {exc.strerror or exc}", EXIT_ERROR
+                f"{self.who} closed the connection: {exc.strerror or exc}",
+                EXIT_ERROR,
+                daemon_gone=True,
             ) from None
         return self._pop_message()
 
@@ -198,7 +209,11 @@ class ControlClient:
             self._sock.settimeout(remaining)
             chunk = self._sock.recv(65536)
             if not chunk:
-                raise CtlError(f"{self.who} closed the connection without answering", EXIT_ERROR)
+                raise CtlError(
+                    f"{self.who} closed the connection without answering",
+                    EXIT_ERROR,
+                    daemon_gone=True,
+                )
             self._buffer += chunk
             if len(self._buffer) > MAX_REPLY:
                 raise CtlError(f"{self.who} sent a reply over {MAX_REPLY} bytes", EXIT_ERROR)
@@ -708,6 +723,59 @@ def run_capture(args: argparse.Namespace, client: ControlClient) -> int:
     return EXIT_OK
 
 
+def unit_hint(instance: str, settle: float = 0.0) -> str | None:
+    """Where to look when `instance` cannot be reached and systemd manages it: the state of
+    ixyd@INSTANCE.service and its status line, which says why a start failed (the daemon
+    and the ixyd-host helpers put it there). Waits up to `settle` seconds for a unit that
+    is still deactivating (its stop helpers run) to end up failed or inactive. None
+    without systemd, without such a unit, or when the unit is active."""
+    if not os.path.isdir("/run/systemd/system"):  # booted with systemd (sd_booted(3))
+        return None
+    unit = f"ixyd@{instance}.service"
+    query = "--property=LoadState,ActiveState,SubState,Result,StatusText"
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            done = subprocess.run(
+                ["systemctl", "show", query, "--", unit],
+                capture_output=True,
+                text=True,
+                timeout=UNIT_QUERY_TIMEOUT,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        shown = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+        if done.returncode != 0 or shown.get("LoadState") != "loaded":
+            return None
+        if shown.get("ActiveState") != "deactivating" or time.monotonic() >= deadline:
+            break
+        time.sleep(UNIT_SETTLE_POLL)
+    if shown.get("ActiveState") == "active":
+        return None
+    if shown.get("ActiveState") == "failed":
+        state = f"{unit} failed ({shown.get('Result', '?')})"
+    else:
+        state = f"{unit} is {shown.get('ActiveState', '?')} ({shown.get('SubState', '?')})"
+    why = shown.get("StatusText")
+    return (
+        f"{state}{': ' + why if why else ''}; see `systemctl status {unit}` and "
+        f"`journalctl -u {unit}`"
+    )
+
+
+def _report(exc: CtlError, args: argparse.Namespace, path: str | None) -> int:
+    """Print a failure; when the daemon is gone or not there, add what its unit says."""
+    print(f"ixyd-ctl: {exc}", file=sys.stderr)
+    instance = getattr(args, "instance", None)
+    if instance is None and path is not None and not hasattr(args, "socket"):
+        instance = os.path.basename(path).removesuffix(".sock")  # the only one running
+    if instance and (exc.daemon_gone or exc.exit_code in (EXIT_NOT_RUNNING, EXIT_TIMEOUT)):
+        hint = unit_hint(instance, UNIT_SETTLE if exc.exit_code != EXIT_TIMEOUT else 0.0)
+        if hint:
+            print(f"ixyd-ctl: {hint}", file=sys.stderr)
+    return exc.exit_code
+
+
 def _find_socket(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, str]:
     """(socket path, how to name the daemon in messages)."""
     if hasattr(args, "socket"):
@@ -743,14 +811,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "debug" and args.fault == "remove-port" and not args.port:
         parser.error("debug remove-port needs --port PORT")
     as_json = getattr(args, "json", False)
+    path = None
     if args.command == "capture":
         try:
             path, args.who = _find_socket(args, parser)
             with ControlClient(path, timeout=timeout, who=args.who) as client:
                 return run_capture(args, client)
         except CtlError as exc:
-            print(f"ixyd-ctl: {exc}", file=sys.stderr)
-            return exc.exit_code
+            return _report(exc, args, path)
         except RemoteError as exc:
             print(f"ixyd-ctl: {exc.message}", file=sys.stderr)
             return EXIT_PERMISSION if exc.code == ErrorCode.UNAUTHORIZED else EXIT_ERROR
@@ -762,8 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ControlClient(path, timeout=timeout, who=args.who) as client:
             result = client.call(method, params_of(args))
     except CtlError as exc:
-        print(f"ixyd-ctl: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _report(exc, args, path)
     except RemoteError as exc:
         print(f"ixyd-ctl: {exc.message}", file=sys.stderr)
         return EXIT_PERMISSION if exc.code == ErrorCode.UNAUTHORIZED else EXIT_ERROR

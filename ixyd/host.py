@@ -50,6 +50,7 @@ DEV_VFIO = "/dev/vfio"
 GROUP_NODE_MODE = 0o660
 NODE_TIMEOUT = 5.0  # seconds for /dev/vfio/<group> to appear after the bind
 SETTLE_TIMEOUT = 10  # seconds `udevadm settle` may wait for udev to handle the bind
+SYSTEMCTL_TIMEOUT = 10  # seconds for systemctl to queue a job (--no-block)
 
 
 # What `install` writes: (source relative to the share dir, destination dir key, file name)
@@ -519,6 +520,26 @@ def restart_may_follow(environ) -> bool:
     return True
 
 
+def stop_socket(instance: str) -> None:
+    """Stop ixyd@INSTANCE.socket after a start that failed for good. A listening socket
+    starts its service again for the next client, so a client waiting on it (or any that
+    connects later) would start the same failure over, up to the start limit, and then be
+    cut off unanswered. Stopped, it answers "not running" and `ixyd-ctl` shows why from the
+    failed unit; `systemctl start ixyd@INSTANCE` starts both again. Only the socket: the
+    service's failed start job is left to finish (--job-mode=ignore-dependencies)."""
+    unit = f"ixyd@{instance}.socket"
+    command = ["systemctl", "stop", "--no-block", "--job-mode=ignore-dependencies", "--", unit]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("cannot stop %s: %s", unit, exc)
+        return
+    if done.returncode != 0:
+        log.warning("cannot stop %s: %s", unit, done.stderr.strip())
+    else:
+        log.info("%s: failed for good, stopping %s too", instance, unit)
+
+
 # ---------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ixyd-host", description=__doc__.splitlines()[0])
@@ -583,13 +604,27 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_OK
             released = release_instance(args.instance)
             log.info("%s: gave back %s", args.instance, ", ".join(released) or "no NIC")
+            # failed, and no restart follows (else `keep`): a refused configuration, ...
+            if args.if_stopped_cleanly and os.environ.get("SERVICE_RESULT", "success") != "success":
+                stop_socket(args.instance)
     except ConfigError as exc:
         log.error("configuration: %s", exc)
+        _status_for_systemd(args.command, f"configuration: {exc}")
         return EXIT_CONFIG
     except (HostError, PciBindError, IxydError) as exc:
         log.error("%s", exc)
+        _status_for_systemd(args.command, str(exc))
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _status_for_systemd(command: str, why: str) -> None:
+    """As ExecStartPre=/ExecStopPost= (NotifyAccess=exec): put why this step failed in the
+    unit's status line, which `systemctl status` shows with the failed unit. Outside
+    systemd ($NOTIFY_SOCKET unset) nothing happens."""
+    from .sdnotify import Notifier
+
+    Notifier.from_environment().status(f"ixyd-host {command} failed: {why}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ that is fed only while the data path makes progress (sd_notify(3), systemd.servi
 The watchdog ping is sent from the main thread, but only when every running worker's
 loop counter (`iterations`, published by the native loop in shared memory) advanced since
 the previous ping: a worker stuck in its loop, or a main thread that hangs, stops the
-pings and systemd kills and restarts the instance (WatchdogSec=, Restart=on-failure).
+pings and systemd kills and restarts the instance (WatchdogSec=, Restart=on-abnormal).
 """
 
 from __future__ import annotations

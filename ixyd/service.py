@@ -1014,6 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("configuration: %s", exc)
         print(f"ixyd: {exc}", file=sys.stderr)
+        Notifier.from_environment().status(f"configuration refused: {exc}")  # for systemctl
         return EXIT_CONFIG
     notifier = Notifier.from_environment()
     instance = Instance(config, run_dir=args.run_dir, config_path=args.config, notifier=notifier)
@@ -1030,9 +1031,11 @@ def main(argv: list[str] | None = None) -> int:
         instance.start()
     except ConfigError as exc:
         log.error("configuration: %s", exc)
+        notifier.status(f"configuration refused: {exc}")
         return EXIT_CONFIG
     except IxydError as exc:
         log.error("cannot start instance %s: %s", config.instance, exc)
+        notifier.status(f"cannot start: {exc}")
         return EXIT_DEVICE
     notifier.ready(instance.status_text())
     try:

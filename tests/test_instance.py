@@ -99,8 +99,8 @@ def test_a_port_whose_nic_is_removed_is_reported_and_the_other_carries_on(instan
 
 def test_a_worker_whose_loop_ends_stops_the_instance_as_a_failure(instance, caplog):
     """Only stop() ends workers; a loop that ends by itself leaves a port without polling.
-    run() gives up with `failure` set (main() then exits 1, and systemd's Restart=
-    on-failure restarts the instance) instead of running on with a dead port."""
+    run() gives up with `failure` set (main() then exits 1, and systemd's
+    RestartForceExitStatus=1 restarts the instance) instead of running on with a dead port."""
     done = threading.Event()
     runner = threading.Thread(target=lambda: (instance.run(), done.set()), daemon=True)
     runner.start()
