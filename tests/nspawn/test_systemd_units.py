@@ -13,7 +13,7 @@ import json
 import re
 
 import pytest
-from nspawn_harness import INSTANCE, METRICS, SERVICE, SOCKET
+from nspawn_harness import INSTANCE, INSTANCE_CONFIG, METRICS, SERVICE, SOCKET
 
 pytestmark = pytest.mark.nspawn
 
@@ -207,20 +207,63 @@ def test_a_nic_that_goes_away_is_reported_and_the_instance_carries_on(container)
     assert [p["present"] for p in ports] == [True, True]
 
 
+def test_systemctl_reload_fails_visibly_on_a_bad_file_and_keeps_the_running_config(container):
+    """ExecReload= asks the daemon over the control socket and waits: a file it refuses
+    fails `systemctl reload` (it used to send SIGHUP and return 0 whatever happened), the
+    daemon keeps running with the configuration it had; a good file is applied."""
+    container.run(["systemctl", "start", SERVICE], timeout=60)
+    pid = container.show(SERVICE, "MainPID")["MainPID"]
+    config = container.root / "etc/ixyd" / f"{INSTANCE}.toml"
+    misspelt = INSTANCE_CONFIG.replace("metrics = ", "metric = ")
+    assert misspelt != INSTANCE_CONFIG
+    try:
+        for bad in ("[[port]\n" + INSTANCE_CONFIG, misspelt):
+            config.write_text(bad)
+            reloaded = container.run(["systemctl", "reload", SERVICE], check=False, timeout=60)
+            assert reloaded.returncode != 0, reloaded
+            shown = container.show(SERVICE, "ActiveState", "MainPID")
+            assert shown == {"ActiveState": "active", "MainPID": pid}
+            forward = json.loads(ctl(container, "--json", "get-forward", "card.1").stdout)
+            assert forward["ports"][0]["forward"] == {"mode": "port", "to": "card.0"}
+        journal = journal_of(container, SERVICE)
+        assert "not valid TOML" in journal, journal
+        assert "unknown key metric;" in journal, journal
+        config.write_text(INSTANCE_CONFIG.replace('{mode = "port", to = "card.0"}', '"drop"'))
+        container.run(["systemctl", "reload", SERVICE], timeout=60)
+        forward = json.loads(ctl(container, "--json", "get-forward", "card.1").stdout)
+        assert forward["ports"][0]["forward"] == {"mode": "drop"}
+        assert container.show(SERVICE, "MainPID")["MainPID"] == pid
+    finally:
+        config.write_text(INSTANCE_CONFIG)
+        container.run(["systemctl", "reload", SERVICE], check=False, timeout=60)
+
+
+def test_the_first_status_after_socket_activation_says_running(container):
+    """The client that starts the instance through its socket waits in the listen queue;
+    it used to be answered before the state was set, and read `starting`."""
+    for _ in range(3):
+        container.run(["systemctl", "stop", SERVICE], timeout=60)
+        container.run(["systemctl", "start", SOCKET])
+        assert not active(container, SERVICE)
+        status = json.loads(ctl(container, "--json", "status").stdout)
+        assert status["state"] == "running", status
+
+
 OTHER = "0000:04:00.0"  # a second instance, for the failures below
 OTHER_SERVICE = f"ixyd@{OTHER}.service"
 
 
 @pytest.fixture
 def other_instance(container):
-    """Instance OTHER with one model port whose config sets `cpus` as given; stopped,
-    reset and its files removed afterwards."""
+    """Instance OTHER with one model port whose config sets `cpus` as given, or the
+    configuration `text`; stopped, reset and its files removed afterwards."""
     config = container.root / "etc/ixyd" / f"{OTHER}.toml"
     drop_in = container.root / "etc/systemd/system" / f"{OTHER_SERVICE}.d"
 
-    def configure(cpus: int, exec_start: str | None = None) -> None:
+    def configure(cpus: int = 0, exec_start: str | None = None, text: str | None = None) -> None:
         config.write_text(
-            f'[[port]]\naddress = "other.0"\nrx_ring = 64\ntx_ring = 64\npool_size = 256\n'
+            text
+            or f'[[port]]\naddress = "other.0"\nrx_ring = 64\ntx_ring = 64\npool_size = 256\n'
             f"cpus = [{cpus}]\n"
         )
         if exec_start:
@@ -234,6 +277,7 @@ def other_instance(container):
     config.unlink(missing_ok=True)
     for path in drop_in.glob("*"):
         path.unlink()
+    container.run(["rm", "-f", f"/var/lib/ixyd/{OTHER}.json", f"/var/lib/ixyd/{OTHER}.json.bad"])
     container.run(["systemctl", "daemon-reload"])
 
 
@@ -273,6 +317,117 @@ def test_a_daemon_systemd_cannot_start_does_not_keep_the_nics(container, other_i
     assert "status=203/EXEC" in journal
     assert f"{OTHER}: gave back no NIC" in journal
     assert "stay on vfio-pci" not in journal
+
+
+OTHER_CONFIG = (
+    '[[port]]\naddress = "other.0"\nrx_ring = 64\ntx_ring = 64\npool_size = 256\n'
+    'forward = "reflect"\n'
+)
+TYPOS = {
+    "toml": ("[[port]\n" + OTHER_CONFIG, "not valid TOML"),
+    "key": (OTHER_CONFIG.replace("rx_ring", "rx_rings"), "unknown key port[0].rx_rings"),
+}
+
+
+@pytest.mark.parametrize("typo", TYPOS)
+def test_a_config_typo_is_not_restarted_and_the_failed_unit_says_why(
+    container, other_instance, typo
+):
+    """A typo is noticed first by ExecStartPre= (prepare exits 2), whose status
+    RestartPreventExitStatus= does not look at: the unit restarted until its start limit.
+    Now it fails once, says why in its status line, and its socket is stopped with it."""
+    text, reason = TYPOS[typo]
+    other_instance(text=text)
+    container.run(["systemctl", "start", f"ixyd@{OTHER}.socket"])
+    started = container.run(["systemctl", "restart", OTHER_SERVICE], check=False, timeout=60)
+    assert started.returncode != 0
+
+    def settled():  # failed for good, or waiting to be restarted (or restarted)
+        shown = container.show(
+            OTHER_SERVICE, "ActiveState", "SubState", "NRestarts", "Result", "StatusText"
+        )
+        return shown if shown["ActiveState"] == "failed" or shown["NRestarts"] != "0" else None
+
+    shown = container.wait_for(settled, "the failed start to settle", timeout=30)
+    assert shown["NRestarts"] == "0" and shown["SubState"] == "failed", shown
+    assert shown["Result"] == "exit-code"
+    assert shown["StatusText"].startswith("ixyd-host prepare failed: configuration: ")
+    assert reason in shown["StatusText"]
+    container.wait_for(
+        lambda: container.show(f"ixyd@{OTHER}.socket", "ActiveState")["ActiveState"]
+        == "inactive",
+        "the socket to stop with the failed instance",
+    )
+    # ixyd-ctl tells what happened and where to look
+    answer = container.run([CTL, "-i", OTHER, "status"], check=False)
+    assert answer.returncode == 3
+    assert f"ixyd@{OTHER}.service failed (exit-code): ixyd-host prepare failed" in answer.stderr
+    assert reason in answer.stderr and f"journalctl -u {OTHER_SERVICE}" in answer.stderr
+
+
+def test_ixyd_ctl_that_starts_a_refused_instance_is_told_why(container, other_instance):
+    """Through socket activation: the waiting client used to read "Connection reset by
+    peer" after the socket had started the failing instance up to the start limit."""
+    other_instance(text=TYPOS["key"][0])
+
+    def prepare_runs() -> int:
+        return journal_of(container, OTHER_SERVICE).count("ixyd-host: configuration: ")
+
+    before = prepare_runs()
+    container.run(["systemctl", "start", f"ixyd@{OTHER}.socket"])
+    answer = container.run([CTL, "-i", OTHER, "--timeout", "30", "status"], check=False)
+    assert answer.returncode != 0
+    assert f"ixyd@{OTHER}.service failed (exit-code)" in answer.stderr, answer.stderr
+    assert "unknown key port[0].rx_rings" in answer.stderr
+    assert container.show(OTHER_SERVICE, "NRestarts")["NRestarts"] == "0"
+    assert prepare_runs() - before == 1  # one start, not one per start limit
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+TAKEN = "ixtsystemd1"  # an interface the test makes
+
+
+def saved_tap(ifname: str) -> dict:
+    return {"version": 1, "ports": {"other.0": {"forward": {"mode": "tap", "ifname": ifname}}}}
+
+
+SAVED_STATES = {
+    # json.loads raises RecursionError: the start crashed (exit 1), restarted, crashed ...
+    "nested": ('{"version": 1, "ports": {"other.0": {"forward": ' + DEEP + "}}}", False),
+    # no `ixyd-host install --tap`: the TAP cannot be made (an uncaught RpcError)
+    "tap without drop-in": (json.dumps(saved_tap("ixtsystemd0")), False),
+    # the name is taken by another interface (exit 1)
+    "tap name taken": (json.dumps(saved_tap(TAKEN)), True),
+}
+
+
+@pytest.mark.parametrize("saved", SAVED_STATES)
+def test_a_state_file_that_cannot_be_restored_does_not_stop_the_start(
+    container, other_instance, saved
+):
+    text, tap_drop_in = SAVED_STATES[saved]
+    other_instance(text=OTHER_CONFIG)
+    state = f"/var/lib/ixyd/{OTHER}.json"
+    (container.root / state.lstrip("/")).write_text(text)
+    container.run(["chown", "ixyd:ixyd", state])
+    container.run(["chmod", "0666", "/dev/net/tun"])  # what udev does on a real host
+    container.run(["ip", "link", "add", TAKEN, "type", "veth", "peer", "name", f"{TAKEN}p"])
+    try:
+        if tap_drop_in:
+            container.run(["/opt/ixyd/bin/ixyd-host", "install", "--tap"])
+        container.run(["systemctl", "start", OTHER_SERVICE], timeout=60)
+        shown = container.show(OTHER_SERVICE, "ActiveState", "NRestarts")
+        assert shown == {"ActiveState": "active", "NRestarts": "0"}
+        forward = json.loads(
+            container.run([CTL, "-i", OTHER, "--json", "get-forward"]).stdout
+        )["ports"][0]["forward"]
+        assert forward == {"mode": "reflect", "swap_mac": False}  # the configuration's
+        assert container.run(["cat", state + ".bad"]).stdout == text  # set aside
+        assert "forward" not in container.run(["cat", state], check=False).stdout
+    finally:
+        container.run(["ip", "link", "del", TAKEN], check=False)
+        if tap_drop_in:
+            container.run(["/opt/ixyd/bin/ixyd-host", "install"])
 
 
 def test_stop_leaves_nothing_behind(container):
