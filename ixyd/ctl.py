@@ -510,8 +510,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], dict], Renderer]] 
     "reload": (
         "reload",
         lambda a: {},
-        lambda r, a: f"{a.who} re-read {r.get('config') or 'its built-in configuration'}; "
-        f"applied: {', '.join(r.get('applied') or []) or 'nothing changed'}",
+        lambda r, a: (
+            f"{a.who} re-read {r.get('config') or 'its built-in configuration'}; "
+            f"applied: {', '.join(r.get('applied') or []) or 'nothing changed'}"
+        ),
     ),
     "call": ("", _raw_params, lambda r, a: json.dumps(r, indent=2)),
     "debug": (

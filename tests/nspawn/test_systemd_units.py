@@ -354,8 +354,7 @@ def test_a_config_typo_is_not_restarted_and_the_failed_unit_says_why(
     assert shown["StatusText"].startswith("ixyd-host prepare failed: configuration: ")
     assert reason in shown["StatusText"]
     container.wait_for(
-        lambda: container.show(f"ixyd@{OTHER}.socket", "ActiveState")["ActiveState"]
-        == "inactive",
+        lambda: container.show(f"ixyd@{OTHER}.socket", "ActiveState")["ActiveState"] == "inactive",
         "the socket to stop with the failed instance",
     )
     # ixyd-ctl tells what happened and where to look
@@ -418,9 +417,8 @@ def test_a_state_file_that_cannot_be_restored_does_not_stop_the_start(
         container.run(["systemctl", "start", OTHER_SERVICE], timeout=60)
         shown = container.show(OTHER_SERVICE, "ActiveState", "NRestarts")
         assert shown == {"ActiveState": "active", "NRestarts": "0"}
-        forward = json.loads(
-            container.run([CTL, "-i", OTHER, "--json", "get-forward"]).stdout
-        )["ports"][0]["forward"]
+        listed = container.run([CTL, "-i", OTHER, "--json", "get-forward"]).stdout
+        forward = json.loads(listed)["ports"][0]["forward"]
         assert forward == {"mode": "reflect", "swap_mac": False}  # the configuration's
         assert container.run(["cat", state + ".bad"]).stdout == text  # set aside
         assert "forward" not in container.run(["cat", state], check=False).stdout
