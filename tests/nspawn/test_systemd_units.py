@@ -404,6 +404,8 @@ SAVED_STATES = {
 def test_a_state_file_that_cannot_be_restored_does_not_stop_the_start(
     container, other_instance, saved
 ):
+    """Each of these crashed the start, and systemd restarted it into the same crash until
+    the start limit: now the instance starts at once with its configured forwarding."""
     text, tap_drop_in = SAVED_STATES[saved]
     other_instance(text=OTHER_CONFIG)
     state = f"/var/lib/ixyd/{OTHER}.json"
