@@ -140,7 +140,10 @@ def test_pci_address_is_canonicalised(text, canonical):
 
 
 @pytest.mark.parametrize(
-    "text", ["", "0000:03:00", "03:00", "0000:03:20.0", "0000:03:00.8", "zz:00.0", "0000:03:00.0 "]
+    "text",
+    ["", "0000:03:00", "03:00", "0000:03:20.0", "0000:03:00.8", "zz:00.0", "0000:03:00.0 "]
+    # `$` would let these through: it matches before a final newline
+    + ["0000:03:00.0\n", "03:00.0\n"],
 )
 def test_malformed_pci_address_is_rejected_with_an_example(text):
     with pytest.raises(ValueError, match="dddd:bb:dd.f"):
