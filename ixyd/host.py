@@ -4,6 +4,9 @@
     ixyd-host prepare [--group ixyd] INSTANCE            ExecStartPre=+ of ixyd@.service
     ixyd-host release [--if-stopped-cleanly] INSTANCE    ExecStopPost=+ of ixyd@.service
 
+The units run prepare and release as `python -I -m ixyd.host` (isolated from the daemon
+user's HOME and site-packages, see ixyd@.service).
+
 `install` writes systemd/ixyd@.service and ixyd@.socket (with the directory of the `ixyd`
 executables filled in), etc/sysusers.d, etc/tmpfiles.d and the udev rule, then applies
 them: systemd-sysusers creates the users, systemd-tmpfiles the directories, udev and
@@ -89,6 +92,17 @@ DAEMON_MODULES = ("ixyd", "_cffi_backend", "prometheus_client", "pyroute2", "sys
 # start the daemon, and ixyd's EXIT_CONFIG a configuration it refused: restarting does not
 # help (the unit's RestartPreventExitStatus=), so the NICs go back to their drivers.
 SYSTEMD_EXEC_STATUSES = range(200, 244)
+# ExecStartPre=+ and ExecStopPost=+ inherit what systemd sets up for User=ixyd: HOME=/var/lib/ixyd
+# (which user ixyd may write), USER, LOGNAME and SHELL of ixyd (systemd.exec(5), "Environment
+# Variables in Spawned Processes"; Environment= would change the daemon's too). The programs
+# ixyd-host runs as root get root's environment instead.
+ROOT_ENVIRONMENT = {
+    "HOME": "/root",
+    "USER": "root",
+    "LOGNAME": "root",
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C",
+}
 
 # Where the files go: persistent (/etc, for a system a package manager does not own)
 # or runtime (/run, gone at reboot; for read-only roots and throwaway test machines).
@@ -131,9 +145,24 @@ def default_bin_dir() -> str:
     return sysconfig.get_path("scripts")
 
 
-def render_unit(text: str, bin_dir: str) -> str:
-    """A unit template with @BINDIR@ replaced."""
-    return text.replace("@BINDIR@", bin_dir.rstrip("/") or "/")
+def render_unit(text: str, bin_dir: str, python: str) -> str:
+    """A unit template with @BINDIR@ and @PYTHON@ (the interpreter of ixyd-host, which the
+    "+" lines run with -I) replaced."""
+    return text.replace("@BINDIR@", bin_dir.rstrip("/") or "/").replace("@PYTHON@", python)
+
+
+def host_interpreter(root: str, bin_dir: str) -> str:
+    """The Python that runs bin_dir/ixyd-host (its #! line), as the units name it. Raises
+    HostError when that is not an absolute path to a python (e.g. `#!/usr/bin/env`)."""
+    script = os.path.join(root, bin_dir.lstrip("/"), "ixyd-host")
+    python = _interpreter(script)
+    if python is None or not os.path.basename(python).startswith("python"):
+        raise HostError(
+            f"{script} does not name its Python on its #! line ({python or 'none'}): the "
+            "units run ixyd-host's module with that interpreter in isolated mode (-I); "
+            "install ixyd with pip into a venv, which writes the interpreter's path there"
+        )
+    return python
 
 
 @dataclass(frozen=True)
@@ -187,6 +216,7 @@ def install(
             "/opt/ixyd/bin/pip install <ixyd checkout or wheel>`, and run "
             '/opt/ixyd/bin/ixyd-host install (README, "Deploy").'
         )
+    python = host_interpreter(root, bin_dir)
     source = share_dir()
     where = DESTINATIONS["run" if runtime else "etc"]
     written = []
@@ -201,7 +231,7 @@ def install(
         written.append(str(target))
 
     for unit in UNIT_FILES:
-        text = render_unit((source / unit).read_text(), bin_dir)
+        text = render_unit((source / unit).read_text(), bin_dir, python)
         put(text, where["units"], os.path.basename(unit))
     if tap:
         put(TAP_DROP_IN, where["units"], TAP_DROP_IN_NAME)
@@ -387,7 +417,9 @@ def _accounts_exist() -> bool:
 
 def _run(command: list[str]) -> None:
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=60, env=ROOT_ENVIRONMENT
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HostError(f"`{' '.join(command)}` failed: {exc}") from None
     if done.returncode != 0:
@@ -427,13 +459,18 @@ def _settle_udev() -> None:
     """Let udev handle the new /dev/vfio node first, so it cannot undo our chown later."""
     if os.path.exists("/run/udev/control") and shutil.which("udevadm"):
         subprocess.run(
-            ["udevadm", "settle", f"--timeout={SETTLE_TIMEOUT}"], capture_output=True, check=False
+            ["udevadm", "settle", f"--timeout={SETTLE_TIMEOUT}"],
+            capture_output=True,
+            check=False,
+            env=ROOT_ENVIRONMENT,
         )
 
 
 def _load_vfio_module(sysfs: Sysfs) -> None:
     if not sysfs.exists("bus", "pci", "drivers", VFIO_PCI) and shutil.which("modprobe"):
-        subprocess.run(["modprobe", VFIO_PCI], capture_output=True, check=False)
+        subprocess.run(
+            ["modprobe", VFIO_PCI], capture_output=True, check=False, env=ROOT_ENVIRONMENT
+        )
 
 
 def prepare(

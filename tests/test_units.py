@@ -36,6 +36,7 @@ from ixyd.pci import bind_vfio
 
 INSTANCE = "0000:03:00.0"
 BIN_DIR = "/opt/ixyd/bin"
+PYTHON = f"{BIN_DIR}/python3"
 MAX_EXPOSURE = 3.0
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -52,9 +53,9 @@ def unit_root(tmp_path_factory):
     (root / "bin").mkdir()
     shutil.copy("/bin/kill", root / "bin" / "kill")
     (root / BIN_DIR.lstrip("/")).mkdir(parents=True)
-    for program in ("ixyd", "ixyd-host"):
+    for program in ("ixyd", "ixyd-host", "python3"):
         path = root / BIN_DIR.lstrip("/") / program
-        path.write_text("#!/bin/sh\nexit 0\n")
+        path.write_text(f"#!{PYTHON}\nexit 0\n" if program != "python3" else "#!/bin/sh\n")
         path.chmod(0o755)
     return root
 
@@ -88,8 +89,10 @@ def test_install_writes_the_units_with_the_bin_dir_and_creates_the_accounts(unit
     units = unit_root / "etc/systemd/system"
     service = (units / "ixyd@.service").read_text()
     assert "@BINDIR@" not in service
-    assert f"ExecStart={BIN_DIR}/ixyd %i" in service
-    assert f"ExecStartPre=+{BIN_DIR}/ixyd-host prepare --group ixyd %i" in service
+    assert f"ExecStart={BIN_DIR}/ixyd -- %i" in service
+    # root's lines: isolated from the daemon user's HOME and site-packages
+    assert f"ExecStartPre=+{PYTHON} -I -m ixyd.host prepare --group ixyd -- %i" in service
+    assert f"ExecStopPost=+{PYTHON} -I -m ixyd.host release --if-stopped-cleanly -- %i" in service
     assert (unit_root / "etc/udev/rules.d/70-ixyd-vfio.rules").exists()
     assert ("systemd-sysusers", f"--root={unit_root}", "ixyd.conf") in done.commands
     passwd = (unit_root / "etc/passwd").read_text()
@@ -493,3 +496,14 @@ def test_install_refuses_a_bin_dir_or_interpreter_others_may_change(tmp_path):
     (tmp_path / "opt").chmod(0o1777)  # sticky: others cannot replace root's entries
     install(str(tmp_path), bin_dir="/opt/ixyd/bin", apply=False)
     assert (tmp_path / "etc/systemd/system/ixyd@.service").exists()
+
+
+def test_programs_root_runs_get_roots_environment_not_the_daemon_users(monkeypatch):
+    """ExecStartPre=+ inherits HOME=/var/lib/ixyd (User=ixyd's, which ixyd may write): what
+    ixyd-host runs (modprobe, udevadm, systemd-sysusers) gets root's HOME and a fixed PATH.
+    The interpreter itself runs with -I (tests/nspawn/test_root_helpers.py)."""
+    monkeypatch.setenv("HOME", "/var/lib/ixyd")
+    monkeypatch.setenv("PATH", f"/var/lib/ixyd/bin:{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", "/var/lib/ixyd")
+    ixyd.host._run(["sh", "-c", 'test "$HOME" = /root && test -z "$PYTHONPATH"'])
+    ixyd.host._run(["sh", "-c", 'case ":$PATH:" in *:/var/lib/ixyd/bin:*) exit 1;; esac'])
