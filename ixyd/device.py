@@ -21,14 +21,15 @@ from .dma import DmaMemory
 _ffi = cffi.FFI()
 
 ALL_ONES = 0xFFFFFFFF
-_PCI_ADDRESS = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$")
+# fullmatch, not `$`: `$` also matches before a trailing newline ("0000:03:00.0\n")
+_PCI_ADDRESS = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])")
 
 
 def parse_pci_address(text: str) -> str:
     """Validate a PCI address 'dddd:bb:dd.f' (domain optional) and return its canonical form."""
     if re.fullmatch(r"[0-9a-fA-F]{2}:[0-1][0-9a-fA-F]\.[0-7]", text):
         text = "0000:" + text
-    match = _PCI_ADDRESS.match(text)
+    match = _PCI_ADDRESS.fullmatch(text)
     if not match:
         raise ValueError(f"invalid PCI address {text!r}: expected dddd:bb:dd.f, e.g. 0000:03:00.0")
     return text.lower()

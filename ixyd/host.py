@@ -4,6 +4,9 @@
     ixyd-host prepare [--group ixyd] INSTANCE            ExecStartPre=+ of ixyd@.service
     ixyd-host release [--if-stopped-cleanly] INSTANCE    ExecStopPost=+ of ixyd@.service
 
+The units run prepare and release as `python -I -m ixyd.host` (isolated from the daemon
+user's HOME and site-packages, see ixyd@.service).
+
 `install` writes systemd/ixyd@.service and ixyd@.socket (with the directory of the `ixyd`
 executables filled in), etc/sysusers.d, etc/tmpfiles.d and the udev rule, then applies
 them: systemd-sysusers creates the users, systemd-tmpfiles the directories, udev and
@@ -37,8 +40,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import load
-from .errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, IxydError
+from .config import check_instance_name, config_path, load
+from .device import PciIds
+from .drivers.selection import driver_for
+from .errors import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    ConfigError,
+    IxydError,
+    UnsupportedDeviceError,
+)
 from .pci import VFIO_PCI, Binding, PciBindError, PciDeviceInfo, Sysfs, bind_vfio, release
 
 log = logging.getLogger("ixyd.host")
@@ -49,6 +61,7 @@ MARK_DIR = "/run/ixyd/vfio"  # IOMMU groups handed to ixyd; the udev rule tests 
 DEV_VFIO = "/dev/vfio"
 GROUP_NODE_MODE = 0o660
 NODE_TIMEOUT = 5.0  # seconds for /dev/vfio/<group> to appear after the bind
+PCI_CLASS_NETWORK = 0x02  # base class (top byte of sysfs `class`): network controller
 SETTLE_TIMEOUT = 10  # seconds `udevadm settle` may wait for udev to handle the bind
 SYSTEMCTL_TIMEOUT = 10  # seconds for systemctl to queue a job (--no-block)
 
@@ -80,6 +93,17 @@ DAEMON_MODULES = ("ixyd", "_cffi_backend", "prometheus_client", "pyroute2", "sys
 # start the daemon, and ixyd's EXIT_CONFIG a configuration it refused: restarting does not
 # help (the unit's RestartPreventExitStatus=), so the NICs go back to their drivers.
 SYSTEMD_EXEC_STATUSES = range(200, 244)
+# ExecStartPre=+ and ExecStopPost=+ inherit what systemd sets up for User=ixyd: HOME=/var/lib/ixyd
+# (which user ixyd may write), USER, LOGNAME and SHELL of ixyd (systemd.exec(5), "Environment
+# Variables in Spawned Processes"; Environment= would change the daemon's too). The programs
+# ixyd-host runs as root get root's environment instead.
+ROOT_ENVIRONMENT = {
+    "HOME": "/root",
+    "USER": "root",
+    "LOGNAME": "root",
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C",
+}
 
 # Where the files go: persistent (/etc, for a system a package manager does not own)
 # or runtime (/run, gone at reboot; for read-only roots and throwaway test machines).
@@ -122,9 +146,24 @@ def default_bin_dir() -> str:
     return sysconfig.get_path("scripts")
 
 
-def render_unit(text: str, bin_dir: str) -> str:
-    """A unit template with @BINDIR@ replaced."""
-    return text.replace("@BINDIR@", bin_dir.rstrip("/") or "/")
+def render_unit(text: str, bin_dir: str, python: str) -> str:
+    """A unit template with @BINDIR@ and @PYTHON@ (the interpreter of ixyd-host, which the
+    "+" lines run with -I) replaced."""
+    return text.replace("@BINDIR@", bin_dir.rstrip("/") or "/").replace("@PYTHON@", python)
+
+
+def host_interpreter(root: str, bin_dir: str) -> str:
+    """The Python that runs bin_dir/ixyd-host (its #! line), as the units name it. Raises
+    HostError when that is not an absolute path to a python (e.g. `#!/usr/bin/env`)."""
+    script = os.path.join(root, bin_dir.lstrip("/"), "ixyd-host")
+    python = _interpreter(script)
+    if python is None or not os.path.basename(python).startswith("python"):
+        raise HostError(
+            f"{script} does not name its Python on its #! line ({python or 'none'}): the "
+            "units run ixyd-host's module with that interpreter in isolated mode (-I); "
+            "install ixyd with pip into a venv, which writes the interpreter's path there"
+        )
+    return python
 
 
 @dataclass(frozen=True)
@@ -157,6 +196,17 @@ def install(
                 f"{path} is not an executable: the units run ixyd from {bin_dir}; pass "
                 "--bin-dir with the directory that has ixyd and ixyd-host"
             )
+    programs, paths = _what_the_units_run(root, bin_dir)
+    # root runs ExecStartPre=+/ExecStopPost=+ from there: whoever may change those files
+    # (or replace them through a directory on the way) gets root
+    writable = [why_not_root_only(p, root) for p in dict.fromkeys([bin_dir, *programs, *paths])]
+    writable = list(dict.fromkeys(w for w in writable if w))
+    if writable:
+        raise HostError(
+            f"root runs {bin_dir}/ixyd-host from the units, but users other than root may "
+            "change what it runs:\n  " + "\n  ".join(writable) + "\nInstall ixyd as root "
+            'into a directory only root can write, e.g. /opt/ixyd (README, "Deploy").'
+        )
     problems = daemon_cannot_run(root, bin_dir)
     if problems:
         raise HostError(
@@ -167,6 +217,7 @@ def install(
             "/opt/ixyd/bin/pip install <ixyd checkout or wheel>`, and run "
             '/opt/ixyd/bin/ixyd-host install (README, "Deploy").'
         )
+    python = host_interpreter(root, bin_dir)
     source = share_dir()
     where = DESTINATIONS["run" if runtime else "etc"]
     written = []
@@ -181,7 +232,7 @@ def install(
         written.append(str(target))
 
     for unit in UNIT_FILES:
-        text = render_unit((source / unit).read_text(), bin_dir)
+        text = render_unit((source / unit).read_text(), bin_dir, python)
         put(text, where["units"], os.path.basename(unit))
     if tap:
         put(TAP_DROP_IN, where["units"], TAP_DROP_IN_NAME)
@@ -263,10 +314,42 @@ def _interpreter(script: str) -> str | None:
     return words[0] if words and words[0].startswith("/") else None
 
 
-def daemon_cannot_run(root: str, bin_dir: str) -> list[str]:
-    """What keeps the units' ExecStart= from running (see why_daemon_cannot_reach): the
-    programs in bin_dir, their interpreter and, when bin_dir is this installation's, the
-    standard library and the modules the daemon imports. Empty when all is well."""
+def why_not_root_only(path: str, root: str = "/") -> str | None:
+    """Why someone other than root could change `path` (absolute, as seen inside `root`),
+    or None: it, or a directory on the way to it (symbolic links followed), is owned by
+    another user or writable by its group or others. A directory with the sticky bit (like
+    /tmp) may be writable by all: others cannot replace root's entries in it. What does not
+    exist below `root` is not checked, nor (for a root other than /) `root` itself."""
+    real = _resolve_below(root, path)
+    top = "/" if os.path.realpath(root) == "/" else None
+    current = real
+    while current != top:
+        try:
+            st = os.stat(os.path.join(root, current.lstrip("/")))
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if current == real:
+                where = path if real == path else f"{path} (that is {real})"
+            else:
+                where = f"{current} (on the way to {path})"
+            if st.st_uid != 0:
+                return f"{where} is owned by uid {st.st_uid}, not root"
+            sticky_directory = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_directory:
+                return (
+                    f"{where} is writable by its group or others (mode {st.st_mode & 0o7777:04o})"
+                )
+        if current == "/":
+            break
+        current = os.path.dirname(current)
+    return None
+
+
+def _what_the_units_run(root: str, bin_dir: str) -> tuple[list[str], list[str]]:
+    """The programs the units run (ixyd, ixyd-host in bin_dir and their interpreters) and,
+    when bin_dir is this installation's, the standard library and the modules the daemon
+    and the root helpers import."""
     programs, paths = [], []
     for program in ("ixyd", "ixyd-host"):
         path = os.path.join(bin_dir, program)
@@ -283,6 +366,14 @@ def daemon_cannot_run(root: str, bin_dir: str) -> list[str]:
             spec = importlib.util.find_spec(name)
             if spec is not None and spec.origin not in (None, "built-in", "frozen"):
                 paths.append(spec.origin)
+    return programs, paths
+
+
+def daemon_cannot_run(root: str, bin_dir: str) -> list[str]:
+    """What keeps the units' ExecStart= from running (see why_daemon_cannot_reach): the
+    programs in bin_dir, their interpreter and, when bin_dir is this installation's, the
+    standard library and the modules the daemon imports. Empty when all is well."""
+    programs, paths = _what_the_units_run(root, bin_dir)
     problems = []
     checks = [(p, True) for p in dict.fromkeys(programs)] + [(p, False) for p in paths]
     for path, execute in checks:
@@ -327,7 +418,9 @@ def _accounts_exist() -> bool:
 
 def _run(command: list[str]) -> None:
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=60, env=ROOT_ENVIRONMENT
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HostError(f"`{' '.join(command)}` failed: {exc}") from None
     if done.returncode != 0:
@@ -367,13 +460,18 @@ def _settle_udev() -> None:
     """Let udev handle the new /dev/vfio node first, so it cannot undo our chown later."""
     if os.path.exists("/run/udev/control") and shutil.which("udevadm"):
         subprocess.run(
-            ["udevadm", "settle", f"--timeout={SETTLE_TIMEOUT}"], capture_output=True, check=False
+            ["udevadm", "settle", f"--timeout={SETTLE_TIMEOUT}"],
+            capture_output=True,
+            check=False,
+            env=ROOT_ENVIRONMENT,
         )
 
 
 def _load_vfio_module(sysfs: Sysfs) -> None:
     if not sysfs.exists("bus", "pci", "drivers", VFIO_PCI) and shutil.which("modprobe"):
-        subprocess.run(["modprobe", VFIO_PCI], capture_output=True, check=False)
+        subprocess.run(
+            ["modprobe", VFIO_PCI], capture_output=True, check=False, env=ROOT_ENVIRONMENT
+        )
 
 
 def prepare(
@@ -387,22 +485,37 @@ def prepare(
     """Bind every vfio port of `instance` to vfio-pci and give `group` its /dev/vfio node.
 
     Reads the instance's configuration (/etc/ixyd/<instance>.toml, or a bare PCI address).
-    Returns the bindings (empty for model ports only). Raises ConfigError for a bad
-    configuration, PciBindError when a NIC cannot be taken (in use, IOMMU off, group not
-    viable), HostError when the group is missing or another instance holds the IOMMU group.
+    Checks every port before it changes anything. Returns the bindings (empty for model
+    ports only). Raises ConfigError for a bad configuration (one that someone other than
+    root may change, or a function no ixyd driver drives), PciBindError when a NIC cannot
+    be taken (in use, IOMMU off, group not viable), HostError when the group is missing or
+    another instance or VFIO user holds the IOMMU group.
     """
+    check_instance_name(instance)
+    path = config_path(instance)
+    problem = why_not_root_only(path) if os.path.exists(path) else None
+    if problem:
+        raise ConfigError(
+            f"{path}: {problem}: root runs `ixyd-host prepare` with what it says; "
+            f"`chown root:root {path}; chmod go-w {path}` (and its directories)"
+        )
     config = load(instance)
     ports = [p for p in config.ports if p.backend == "vfio"]
     if not ports:
         log.info("%s: model ports only, nothing to bind", instance)
         return []
+    sysfs = sysfs or Sysfs()
+    ours = {spec.address for spec in ports}
+    for spec in ports:
+        info = PciDeviceInfo.read(spec.address, sysfs)
+        _refuse_unsupported(info)
+        _refuse_foreign_vfio_members(info, ours, instance, sysfs)
     try:
         gid = grp.getgrnam(group).gr_gid
     except KeyError:
         raise HostError(
             f"group {group!r} does not exist: run `ixyd-host install` (systemd-sysusers)"
         ) from None
-    sysfs = sysfs or Sysfs()
     _load_vfio_module(sysfs)
     bindings = []
     for spec in ports:
@@ -447,6 +560,41 @@ def prepare(
             group,
         )
     return bindings
+
+
+def _refuse_unsupported(info: PciDeviceInfo) -> None:
+    """ConfigError unless an ixyd driver drives the function: a network controller whose
+    vendor/device ID a driver lists (drivers.selection). Without this, prepare would take
+    any device it is given (a disk controller) from its driver, and the daemon refuse it
+    only afterwards."""
+    if info.class_code >> 16 != PCI_CLASS_NETWORK:
+        raise ConfigError(
+            f"{info.address} is not a network controller (PCI class {info.class_code:#08x}, "
+            f"IDs {info.vendor_id:04x}:{info.device_id:04x}): ixyd drives Intel NICs only; "
+            "check the address in the configuration (`lspci -D -nn` lists them)"
+        )
+    try:
+        driver_for(info.address, PciIds(info.vendor_id, info.device_id))
+    except UnsupportedDeviceError as exc:
+        raise ConfigError(f"{exc}. It stays with its driver") from None
+
+
+def _refuse_foreign_vfio_members(
+    info: PciDeviceInfo, ours: set[str], instance: str, sysfs: Sysfs
+) -> None:
+    """HostError when another member of the function's IOMMU group is on vfio-pci but is
+    not a port of this instance: whoever bound it (a VM, another VFIO program) can open
+    the group, and handing its /dev/vfio node to ixyd would give ixyd that device too."""
+    if info.iommu_group is None:
+        return
+    for member in info.group_members:
+        if member not in ours and sysfs.driver(member) == VFIO_PCI:
+            raise HostError(
+                f"{info.address}: IOMMU group {info.iommu_group} also holds {member}, which "
+                f"is on vfio-pci but is not a port of instance {instance!r}: someone else "
+                f"uses that group. Add {member} to the instance's ports, or give it back to "
+                "its driver (`ixyd-host release` of the instance that bound it)"
+            )
 
 
 def _grant_group_node(node: str, gid: int, group: str) -> None:

@@ -3,8 +3,11 @@
 Binding follows driverctl and DPDK's advice (anchors.md 2.3 and 7): `driver_override` plus
 `drivers_probe`, never `new_id`, which would grab every card with the same vendor:device
 ID. Before a kernel driver is unbound, its network interfaces are checked: one that is up
-with a routable address is in use, and taking it away would cut someone's connection, so
-that is refused unless forced (dpdk-devbind's "Active" check).
+with a routable address, or that other interfaces are stacked on (a bridge or bond port,
+the lower device of a VLAN or macvlan), is in use, and taking it away would cut someone's
+connection, so that is refused unless forced (dpdk-devbind's "Active" check, extended).
+The interfaces are looked for in every network namespace, since one moved into a
+container's namespace is no longer listed in this namespace's sysfs (`check_netdevs_idle`).
 
 All sysfs paths hang off a configurable root (default /sys) so tests can run against a
 fake tree. Interface state is read and changed over netlink with pyroute2.
@@ -12,9 +15,13 @@ fake tree. Interface state is read and changed over netlink with pyroute2.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import ipaddress
 import logging
 import os
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -32,7 +39,7 @@ __all__ = [
     "bind_vfio_group",
     "check_netdevs_idle",
     "group_blockers",
-    "netdev_state",
+    "network_namespaces",
     "parse_pci_address",
     "release",
 ]
@@ -44,6 +51,10 @@ VFIO_PCI = "vfio-pci"
 # of their own (kernel: driver_managed_dma, or the pre-5.19 allow list plus bridges).
 VFIO_COMPATIBLE_DRIVERS = frozenset({VFIO_PCI, "pci-stub", "pcieport"})
 IFF_UP = 0x1  # <linux/if.h>
+CLONE_NEWNET = 0x40000000  # <linux/sched.h>: setns(2) into a network namespace
+NETNSA_NSID_NOT_ASSIGNED = 0xFFFFFFFF  # RTM_GETNSID's -1 as pyroute2 returns it (u32)
+# Interfaces made in pairs: each names the other in IFLA_LINK, which is not stacking.
+PEER_KINDS = frozenset({"veth", "vxcan", "netkit"})
 BIND_TIMEOUT = 2.0  # seconds to wait for a probe to show in sysfs (it is synchronous for igb/ixgbe)
 
 
@@ -185,73 +196,273 @@ def group_blockers(group: int, sysfs: Sysfs | None = None, exclude=()) -> list[t
 # ------------------------------------------------------------------ network interfaces
 @dataclass(frozen=True)
 class NetdevState:
-    """Netlink view of one interface: admin state and its routable addresses."""
+    """Netlink view of one interface: admin state, routable addresses, what is stacked on
+    it and where it is."""
 
     name: str
     up: bool
     #: "address/prefixlen", link-local (169.254/16, fe80::/10) left out
     addresses: tuple[str, ...] = field(default=())
+    #: what uses it as a lower device: "port of bridge br0", "lower of vlan eth0.5"
+    stacked: tuple[str, ...] = field(default=())
+    #: the network namespace it is in (a path naming it), None for this process's
+    netns: str | None = None
 
     @property
     def in_use(self) -> bool:
-        """Up with a routable address: traffic may be flowing through it."""
-        return self.up and bool(self.addresses)
+        """Up with a routable address (traffic may be flowing through it), or other
+        interfaces are stacked on it (taking it breaks them, addresses or not)."""
+        return (self.up and bool(self.addresses)) or bool(self.stacked)
+
+    def describe(self) -> str:
+        """Why it is in use, for a message: "eth0 is up with 192.0.2.1/24, is a port of
+        bridge br0 (in network namespace /run/netns/blue)"."""
+        reasons = [f"is up with {', '.join(self.addresses)}"] if self.up and self.addresses else []
+        reasons += [f"is a {what}" for what in self.stacked]
+        where = f" (in network namespace {self.netns})" if self.netns else ""
+        return f"{self.name} {', '.join(reasons)}{where}"
 
 
-def _netlink(netns: str | None):
-    from pyroute2 import IPRoute, NetNS  # imported on use: pyroute2 takes ~0.2 s to import
-
-    return NetNS(netns) if netns else IPRoute()
-
-
-def netdev_state(ipr, ifname: str) -> NetdevState | None:
-    """Read an interface's state through an open pyroute2 IPRoute/NetNS; None if absent."""
-    indexes = ipr.link_lookup(ifname=ifname)
-    if not indexes:
-        return None
-    index = indexes[0]
-    link = ipr.get_links(index)[0]
+def _routable_addresses(ipr, index: int) -> tuple[str, ...]:
     addresses = []
     for msg in ipr.get_addr(index=index):
         text = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
         if text is None or ipaddress.ip_address(text.split("%")[0]).is_link_local:
             continue
         addresses.append(f"{text}/{msg['prefixlen']}")
-    return NetdevState(ifname, bool(link["flags"] & IFF_UP), tuple(addresses))
+    return tuple(addresses)
+
+
+# ------------------------------------------------------------------ every network namespace
+OWN_NETNS = "/proc/self/ns/net"
+
+
+def _unescape_mountinfo(field_text: str) -> str:
+    """proc(5) mountinfo escapes space, tab, newline and backslash as \\ooo (octal)."""
+    out, i = [], 0
+    while i < len(field_text):
+        if field_text[i] == "\\" and field_text[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field_text[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field_text[i])
+            i += 1
+    return "".join(out)
+
+
+def network_namespaces(proc: str = "/proc") -> list[str]:
+    """One path for every network namespace this process can find, its own first
+    (OWN_NETNS): the network namespaces mounted in its mount table (`ip netns add` puts
+    them in /run/netns, container runtimes elsewhere), then /proc/<pid>/ns/net of every
+    process not in one already found. Not found: a namespace kept only by an open file
+    descriptor or a mount in another mount namespace, with no process in it."""
+    seen: set[tuple[int, int]] = set()
+    paths: list[str] = []
+
+    def add(path: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:  # the process exited, or the mount went away
+            return
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            paths.append(path)
+
+    add(OWN_NETNS)
+    try:
+        with open(os.path.join(proc, "self", "mountinfo")) as f:
+            mounts = f.read().splitlines()
+    except OSError:
+        mounts = []
+    for line in mounts:
+        fields, _, fs = line.partition(" - ")
+        parts = fields.split()
+        # an nsfs mount of a network namespace has the root "net:[<inode>]"
+        if fs.split()[:1] == ["nsfs"] and len(parts) > 4 and parts[3].startswith("net:["):
+            add(_unescape_mountinfo(parts[4]))
+    for entry in sorted(os.listdir(proc), key=lambda e: (len(e), e)):
+        if entry.isdigit():
+            add(os.path.join(proc, entry, "ns", "net"))
+    return paths
+
+
+_libc = None
+
+
+def _netlink_in(path: str):
+    """A pyroute2 IPRoute on a netlink socket made inside the network namespace `path`.
+    A socket stays in the namespace it was made in, so a short-lived thread enters the
+    namespace (setns(2) changes only the calling thread's), makes the socket and ends."""
+    from pyroute2 import IPRoute  # imported on use: pyroute2 takes ~0.2 s to import
+
+    if path == OWN_NETNS:
+        return IPRoute()
+    global _libc
+    _libc = _libc or ctypes.CDLL(None, use_errno=True)
+    made: dict = {}
+
+    def make() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    error = ctypes.get_errno()
+                    raise OSError(error, os.strerror(error), path)
+            finally:
+                os.close(fd)
+            made["socket"] = socket.socket(
+                socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0
+            )
+        except OSError as exc:
+            made["error"] = exc
+
+    thread = threading.Thread(target=make, name="ixyd-netns")
+    thread.start()
+    thread.join()
+    if "error" in made:
+        raise made["error"]
+    return IPRoute(use_socket=made["socket"])
+
+
+@dataclass
+class _Namespace:
+    path: str
+    ipr: object  # pyroute2 IPRoute in that namespace
+    links: list  # its RTM_NEWLINK messages
+    fd: int  # open on `path`, for RTM_GETNSID questions about it
+
+    def by_index(self, index: int):
+        return next((link for link in self.links if link["index"] == index), None)
+
+
+def _kind(link) -> str:
+    return link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") or "interface"
+
+
+def _open_namespaces(home: str) -> list[_Namespace]:
+    paths = network_namespaces()
+    if not any(os.path.samefile(home, p) for p in paths if os.path.exists(p)):
+        paths.insert(1, home)
+    opened = []
+    for path in paths:
+        fd = None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            ipr = _netlink_in(path)
+            opened.append(_Namespace(path, ipr, list(ipr.get_links()), fd))
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+            if exc.errno not in (errno.ENOENT, errno.ESRCH):  # not: gone since it was listed
+                log.warning("cannot look into network namespace %s: %s", path, exc)
+    return opened
+
+
+def _nsid(ns: _Namespace, other: _Namespace) -> int | None:
+    """The id `ns` gives `other` (what IFLA_LINK_NETNSID says in `ns`), None if none."""
+    answer = ns.ipr.get_netnsid(fd=other.fd) or {}
+    nsid = answer.get("nsid")
+    return None if nsid is None or nsid in (-1, NETNSA_NSID_NOT_ASSIGNED) else nsid
+
+
+def _stacked_on(target, home: _Namespace, namespaces: list[_Namespace]) -> list[str]:
+    """What uses `target` (a link in `home`) as its lower device, in any namespace."""
+    found = []
+    master = target.get_attr("IFLA_MASTER")
+    if master:
+        upper = home.by_index(master)
+        name = upper.get_attr("IFLA_IFNAME") if upper else f"#{master}"
+        found.append(f"port of {_kind(upper) if upper else 'master'} {name}")
+    for ns in namespaces:
+        nsid = None if ns is home else _nsid(ns, home)
+        for link in ns.links:
+            if link is target or link.get_attr("IFLA_LINK") != target["index"]:
+                continue
+            if _kind(link) in PEER_KINDS:
+                continue
+            link_nsid = link.get_attr("IFLA_LINK_NETNSID")
+            # same namespace: no IFLA_LINK_NETNSID; another: the id it gives `home`
+            if (ns is home and link_nsid is None) or (
+                ns is not home and link_nsid is not None and link_nsid == nsid
+            ):
+                where = "" if ns is home else f" in network namespace {ns.path}"
+                found.append(f"lower of {_kind(link)} {link.get_attr('IFLA_IFNAME')}{where}")
+    return found
+
+
+def netdevs_everywhere(address: str, ifnames=(), *, netns: str | None = None) -> list[NetdevState]:
+    """The kernel interfaces of PCI function `address` in every network namespace
+    (network_namespaces): the links whose parent device is `address` on the PCI bus
+    (IFLA_PARENT_DEV_NAME, Linux 5.16 and later), plus `ifnames` looked up by name in
+    `netns` (a name in /run/netns; default this process's namespace), which is how the
+    device's sysfs `net/` directory names them. Each with its state and what is stacked
+    on it (a bridge or bond it is a port of, VLAN/macvlan/... devices on it, in its
+    namespace or another one)."""
+    home_path = os.path.join("/run/netns", netns) if netns else OWN_NETNS
+    namespaces = _open_namespaces(home_path)
+    try:
+        home = next((ns for ns in namespaces if os.path.samefile(ns.path, home_path)), None)
+        states = []
+        for ns in namespaces:
+            for link in ns.links:
+                name = link.get_attr("IFLA_IFNAME")
+                ours = (
+                    link.get_attr("IFLA_PARENT_DEV_BUS_NAME") == "pci"
+                    and link.get_attr("IFLA_PARENT_DEV_NAME") == address
+                ) or (ns is home and name in ifnames)
+                if not ours:
+                    continue
+                states.append(
+                    NetdevState(
+                        name,
+                        bool(link["flags"] & IFF_UP),
+                        _routable_addresses(ns.ipr, link["index"]),
+                        tuple(_stacked_on(link, ns, namespaces)),
+                        None if ns.path == OWN_NETNS else ns.path,
+                    )
+                )
+        # as the caller named them, then the ones found by their parent device
+        order = {name: i for i, name in enumerate(ifnames)}
+        return sorted(states, key=lambda s: (s.netns is not None, order.get(s.name, len(order))))
+    finally:
+        for ns in namespaces:
+            ns.ipr.close()
+            os.close(ns.fd)
 
 
 def check_netdevs_idle(
-    address: str, ifnames, *, force: bool = False, netns: str | None = None
+    address: str, ifnames=(), *, force: bool = False, netns: str | None = None
 ) -> list[NetdevState]:
-    """Refuse to take a device whose interfaces are up with a routable address.
+    """Refuse to take a device whose interfaces are in use: up with a routable address,
+    or with other interfaces stacked on them, in any network namespace.
 
-    Returns the state of each interface found. Raises NetdevInUseError naming every
-    interface in use and its addresses, unless `force`. Interfaces that netlink does not
-    know (another namespace) are skipped. `netns` selects a named network namespace.
+    `ifnames`: the names the device's sysfs `net/` lists, looked up in `netns` (a name in
+    /run/netns; default this process's namespace); the device's interfaces in every
+    namespace are found by their parent device (netdevs_everywhere). Returns the state of
+    each interface found. Raises NetdevInUseError naming every interface in use, why and
+    where, unless `force`.
     """
-    ifnames = list(ifnames)
-    if not ifnames:
-        return []
-    with _netlink(netns) as ipr:
-        states = [s for s in (netdev_state(ipr, name) for name in ifnames) if s is not None]
+    states = netdevs_everywhere(address, list(ifnames), netns=netns)
     busy = [s for s in states if s.in_use]
     if busy and not force:
-        detail = "; ".join(f"{s.name} is up with {', '.join(s.addresses)}" for s in busy)
+        detail = "; ".join(s.describe() for s in busy)
         raise NetdevInUseError(
-            f"{address} is in use by the kernel: {detail}. Move the addresses away and "
-            f"`ip link set {busy[0].name} down` first, or pass force=True to take it anyway"
+            f"{address} is in use by the kernel: {detail}. Move the addresses away, take it "
+            f"out of the bridge, bond or stacked devices and `ip link set {busy[0].name} "
+            "down` first, or pass force=True to take it anyway"
         )
     return states
 
 
-def set_netdevs_down(ifnames, *, netns: str | None = None) -> None:
-    """Set interfaces administratively down before their driver is unbound."""
-    with _netlink(netns) as ipr:
-        for name in ifnames:
-            indexes = ipr.link_lookup(ifname=name)
+def set_netdevs_down(states) -> None:
+    """Set interfaces (NetdevState, from check_netdevs_idle) administratively down, each in
+    its network namespace, before their driver is unbound."""
+    for state in states:
+        with _netlink_in(state.netns or OWN_NETNS) as ipr:
+            indexes = ipr.link_lookup(ifname=state.name)
             if indexes:
                 ipr.link("set", index=indexes[0], state="down")
-                log.info("set %s down", name)
+                log.info("set %s down", state.name)
 
 
 # ------------------------------------------------------------------ binding
@@ -330,8 +541,7 @@ def bind_vfio(
     if info.driver == VFIO_PCI:
         return _bindings.setdefault(address, Binding(address, None, (), info.iommu_group))
     if info.driver is not None:
-        check_netdevs_idle(address, info.netdevs, force=force, netns=netns)
-        set_netdevs_down(info.netdevs, netns=netns)
+        set_netdevs_down(check_netdevs_idle(address, info.netdevs, force=force, netns=netns))
 
     # Override first, so nothing can re-probe the old driver between unbind and probe.
     sysfs.write(VFIO_PCI, "bus", "pci", "devices", address, "driver_override")

@@ -45,9 +45,10 @@ from .config import (
     parse_listen_address,
 )
 from .control import IXYD_METHODS, ControlServer, ErrorCode, RpcError, Stream
-from .drivers import igb, ixgbe
+from .drivers import ixgbe
 from .drivers.port import IntelPort
 from .drivers.rings import Mempool, RxQueue
+from .drivers.selection import driver_for
 from .errors import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -934,19 +935,8 @@ def _quietly(action, what: str) -> None:
 
 
 def _driver_class(dev) -> type[IntelPort]:
-    """The driver for a function, by its device ID: ixgbe (82599), else igb (82576).
-    UnsupportedDeviceError naming the device and both drivers' reasons (their supported
-    IDs) when neither takes it."""
-    reasons = []
-    for driver, port_class in (("ixgbe", ixgbe.IxgbePort), ("igb", igb.IgbPort)):
-        try:
-            port_class.identify(dev.ids)
-            return port_class
-        except UnsupportedDeviceError as exc:
-            reasons.append(f"{driver}: {exc}")
-    raise UnsupportedDeviceError(
-        f"{dev.address}: no ixyd driver for {dev.ids}. " + "; ".join(reasons)
-    )
+    """The driver for a function, by its device ID (drivers.selection.driver_for)."""
+    return driver_for(dev.address, dev.ids)
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -1029,7 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, lambda *_: instance.reload_requested.set())
     try:
         instance.start()
-    except ConfigError as exc:
+    except (ConfigError, UnsupportedDeviceError) as exc:  # the same device fails the same way
         log.error("configuration: %s", exc)
         notifier.status(f"configuration refused: {exc}")
         return EXIT_CONFIG

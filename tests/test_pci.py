@@ -10,7 +10,9 @@ ID) and records every write, so tests see exactly what ixyd would have written t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -140,7 +142,10 @@ def test_pci_address_is_canonicalised(text, canonical):
 
 
 @pytest.mark.parametrize(
-    "text", ["", "0000:03:00", "03:00", "0000:03:20.0", "0000:03:00.8", "zz:00.0", "0000:03:00.0 "]
+    "text",
+    ["", "0000:03:00", "03:00", "0000:03:20.0", "0000:03:00.8", "zz:00.0", "0000:03:00.0 "]
+    # `$` would let these through: it matches before a final newline
+    + ["0000:03:00.0\n", "03:00.0\n"],
 )
 def test_malformed_pci_address_is_rejected_with_an_example(text):
     with pytest.raises(ValueError, match="dddd:bb:dd.f"):
@@ -381,3 +386,108 @@ def test_bind_refuses_a_nic_whose_interface_is_in_use_then_takes_it_down(sysfs, 
     assert binding.netdevs == ("ixytest0",)
     assert not _ns_is_up(veth_netns, "ixytest0")  # set down before the unbind
     assert sysfs.driver(PORT0) == "vfio-pci"
+
+
+# ------------------------------------------------------------------ stacked and moved interfaces
+# Real interfaces in namespaces of this test's own (issue 12, item 10). The kernel here has
+# veth, bridge and macvlan; VLAN and bond lowers, and a NIC's own interface moved into
+# another namespace, are shown with igb in the guest (tests/vm/test_netdev_in_use_guest.py).
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, f"ip {' '.join(args)}: {done.stderr}"
+
+
+@pytest.fixture
+def host_netns():
+    """A factory of fresh network namespaces (ixt-host-<random>), removed afterwards; the
+    first one made holds a veth pair ixh0/ixh1, both up, no addresses."""
+    made = []
+
+    def make() -> str:
+        name = f"ixt-host-{uuid.uuid4().hex[:8]}"
+        _ip("netns", "add", name)
+        made.append(name)
+        if len(made) == 1:
+            _ip("-n", name, "link", "add", "ixh0", "type", "veth", "peer", "name", "ixh1")
+            for ifname in ("ixh0", "ixh1"):
+                _ip("-n", name, "link", "set", ifname, "up")
+        return name
+
+    yield make
+    for name in made:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+
+
+@needs_netns
+def test_a_bridge_port_is_in_use_though_the_address_is_on_the_bridge(host_netns):
+    """The uplink of a bridge carries the host's traffic while the address sits on br0: the
+    uplink itself has none, up and idle by the address rule alone."""
+    ns = host_netns()
+    _ip("-n", ns, "link", "add", "ixhbr0", "type", "bridge")
+    _ip("-n", ns, "link", "set", "ixh0", "master", "ixhbr0")
+    _ip("-n", ns, "addr", "add", "192.0.2.1/24", "dev", "ixhbr0")
+    _ip("-n", ns, "link", "set", "ixhbr0", "up")
+    with pytest.raises(NetdevInUseError, match="ixh0 is a port of bridge ixhbr0") as caught:
+        check_netdevs_idle(PORT0, ["ixh0"], netns=ns)
+    assert "ixh1" not in str(caught.value)  # its veth peer is not stacked on it
+    [state] = check_netdevs_idle(PORT0, ["ixh0"], netns=ns, force=True)
+    assert state.up and state.addresses == () and state.in_use
+
+
+@needs_netns
+def test_a_macvlan_lower_is_in_use_in_its_namespace_and_from_another(host_netns):
+    """A macvlan on the NIC counts whether it stays beside it or was moved into a
+    container's namespace (IFLA_LINK_NETNSID names the lower's namespace there)."""
+    ns = host_netns()
+    _ip("-n", ns, "link", "add", "link", "ixh0", "name", "ixhmv0", "type", "macvlan")
+    with pytest.raises(NetdevInUseError, match="ixh0 is a lower of macvlan ixhmv0"):
+        check_netdevs_idle(PORT0, ["ixh0"], netns=ns)
+
+    container = host_netns()
+    _ip("-n", ns, "link", "set", "ixhmv0", "netns", container)
+    expected = f"ixh0 is a lower of macvlan ixhmv0 in network namespace /run/netns/{container}"
+    with pytest.raises(NetdevInUseError, match=re.escape(expected)):
+        check_netdevs_idle(PORT0, ["ixh0"], netns=ns)
+    _ip("-n", container, "link", "del", "ixhmv0")
+    assert [s.in_use for s in check_netdevs_idle(PORT0, ["ixh0"], netns=ns)] == [False]
+
+
+@needs_netns
+def test_every_network_namespace_is_found_named_held_by_a_process_or_mounted(host_netns, tmp_path):
+    """Where a NIC's interface may have gone: a namespace named by `ip netns add`, one only
+    a process is in (a container without a name), one bind-mounted somewhere else."""
+    named = host_netns()
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "300"])
+    try:
+        ns_link = f"/proc/{holder.pid}/ns/net"
+        own = os.stat("/proc/self/ns/net").st_ino
+        deadline = time.monotonic() + 30
+        while os.stat(ns_link).st_ino == own:  # unshare has not unshared yet
+            assert time.monotonic() < deadline, "unshare --net did not make a namespace"
+            time.sleep(0.01)
+        mounted = tmp_path / "ixt-host-mounted"
+        mounted.touch()
+        subprocess.run(["unshare", "--net", "--", "true"], check=True)  # (not kept: gone)
+        spare = subprocess.Popen(["unshare", "--net", "sleep", "300"])
+        try:
+            spare_link = f"/proc/{spare.pid}/ns/net"
+            while os.stat(spare_link).st_ino == own:
+                assert time.monotonic() < deadline, "unshare --net did not make a namespace"
+                time.sleep(0.01)
+            subprocess.run(["mount", "--bind", spare_link, str(mounted)], check=True)
+        finally:
+            spare.kill()
+            spare.wait()
+        try:
+            found = ixyd.pci.network_namespaces()
+            inodes = {os.stat(p).st_ino: p for p in found}
+            assert found[0] == "/proc/self/ns/net"
+            assert os.stat(f"/run/netns/{named}").st_ino in inodes
+            assert inodes[os.stat(ns_link).st_ino] == ns_link  # only a process is in it
+            assert inodes[os.stat(mounted).st_ino] == str(mounted)  # no process: the mount
+            assert len(inodes) == len(found)  # one path per namespace
+        finally:
+            subprocess.run(["umount", str(mounted)], check=True)
+    finally:
+        holder.kill()
+        holder.wait()

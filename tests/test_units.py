@@ -23,6 +23,7 @@ import stat
 import subprocess
 import sys
 import sysconfig
+from pathlib import Path
 
 import pytest
 from test_pci import FakeKernel, bind, make_device
@@ -35,6 +36,7 @@ from ixyd.pci import bind_vfio
 
 INSTANCE = "0000:03:00.0"
 BIN_DIR = "/opt/ixyd/bin"
+PYTHON = f"{BIN_DIR}/python3"
 MAX_EXPOSURE = 3.0
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -49,9 +51,9 @@ def unit_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
     shutil.copytree("/lib/systemd/system", root / "lib/systemd/system", symlinks=True)
     (root / BIN_DIR.lstrip("/")).mkdir(parents=True)
-    for program in ("ixyd", "ixyd-host", "ixyd-ctl"):
+    for program in ("ixyd", "ixyd-host", "ixyd-ctl", "python3"):
         path = root / BIN_DIR.lstrip("/") / program
-        path.write_text("#!/bin/sh\nexit 0\n")
+        path.write_text(f"#!{PYTHON}\nexit 0\n" if program != "python3" else "#!/bin/sh\n")
         path.chmod(0o755)
     return root
 
@@ -85,8 +87,10 @@ def test_install_writes_the_units_with_the_bin_dir_and_creates_the_accounts(unit
     units = unit_root / "etc/systemd/system"
     service = (units / "ixyd@.service").read_text()
     assert "@BINDIR@" not in service
-    assert f"ExecStart={BIN_DIR}/ixyd %i" in service
-    assert f"ExecStartPre=+{BIN_DIR}/ixyd-host prepare --group ixyd %i" in service
+    assert f"ExecStart={BIN_DIR}/ixyd -- %i" in service
+    # root's lines: isolated from the daemon user's HOME and site-packages
+    assert f"ExecStartPre=+{PYTHON} -I -m ixyd.host prepare --group ixyd -- %i" in service
+    assert f"ExecStopPost=+{PYTHON} -I -m ixyd.host release --if-stopped-cleanly -- %i" in service
     assert (unit_root / "etc/udev/rules.d/70-ixyd-vfio.rules").exists()
     assert ("systemd-sysusers", f"--root={unit_root}", "ixyd.conf") in done.commands
     passwd = (unit_root / "etc/passwd").read_text()
@@ -349,3 +353,155 @@ def test_prepare_reports_a_bad_configuration_with_exit_2(host, caplog):
     (config_dir / f"{INSTANCE}.toml").write_text("[[port]]\naddress = 3\n")
     assert ixyd.host.main(["prepare", INSTANCE]) == 2
     assert "port[0].address is required" in caplog.text
+
+
+# ---------------------------------------------------------------------------- issue 12: trust
+OTHER = "0000:05:00.0"
+
+
+@pytest.mark.parametrize(
+    "vendor, device, cls, driver, words",
+    [
+        ("0x8086", "0xa102", "0x010601", "ahci", "not a network controller (PCI class 0x010601"),
+        ("0x144d", "0xa808", "0x010802", "nvme", "not a network controller (PCI class 0x010802"),
+        ("0x8086", "0x1533", "0x020000", "igb", "no ixyd driver for 8086:1533"),  # an i210
+    ],
+)
+def test_prepare_refuses_a_function_no_ixyd_driver_drives_before_any_write(
+    host, monkeypatch, caplog, vendor, device, cls, driver, words
+):
+    """A SATA or NVMe controller (or a NIC ixyd has no driver for) given as the instance
+    stays with its driver: a configuration error (exit 2), found before any sysfs write."""
+    kernel, _, dev, marks = host
+    make_device(Path(kernel.root), OTHER, group=GROUP + 1, vendor=vendor, device=device, cls=cls)
+    bind(kernel, OTHER, driver)
+    with pytest.raises(ixyd.config.ConfigError, match=re.escape(words)):
+        prepare(OTHER, a_group().gr_name, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks))
+    assert kernel.writes == [] and kernel.driver(OTHER) == driver and not marks.exists()
+    monkeypatch.setattr(ixyd.host, "Sysfs", lambda: kernel)
+    assert ixyd.host.main(["prepare", OTHER]) == 2
+    assert words in caplog.text and kernel.writes == []
+
+
+def test_daemon_refuses_an_unsupported_device_as_a_configuration_error(tmp_path, monkeypatch):
+    """The daemon's own refusal of a device no driver takes is exit 2, like a bad key: the
+    unit does not restart it (RestartPreventExitStatus=2) and ExecStopPost= gives the NIC
+    back instead of keeping it on vfio-pci for a restart that cannot help."""
+    import functools
+
+    import ixyd.model
+    import ixyd.service
+
+    i210 = functools.partial(ixyd.model.ModelNic, device_id=0x1533)
+    monkeypatch.setattr(ixyd.model, "ModelNic", i210)
+    config = tmp_path / "lab.toml"
+    config.write_text('[[port]]\naddress = "lab.0"\nbackend = "model"\n')
+    args = ["lab", "--config", str(config), "--run-dir", str(tmp_path), "--metrics", "off"]
+    status = ixyd.service.main([*args, "--state-dir", str(tmp_path)])
+    assert status == 2
+    assert (
+        ixyd.host.restart_may_follow(
+            {"SERVICE_RESULT": "exit-code", "EXIT_CODE": "exited", "EXIT_STATUS": str(status)}
+        )
+        is False
+    )
+
+
+def test_prepare_refuses_a_config_file_others_may_change(host):
+    """root acts on /etc/ixyd/<instance>.toml: a file (or directory above it) that another
+    user owns or may write is refused before anything is read from it or written to /sys."""
+    kernel, config_dir, dev, marks = host
+    config = config_dir / f"{INSTANCE}.toml"
+    config.write_text(f'[[port]]\naddress = "{INSTANCE}"\n')
+    config.chmod(0o644)
+
+    def refused(words: str) -> None:
+        with pytest.raises(ixyd.config.ConfigError, match=re.escape(words)):
+            prepare(
+                INSTANCE, a_group().gr_name, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks)
+            )
+        assert kernel.writes == [] and kernel.driver(INSTANCE) == "ixgbe"
+
+    os.chown(config, 65534, 0)
+    refused(f"{config} is owned by uid 65534, not root")
+    os.chown(config, 0, 0)
+    config.chmod(0o666)
+    refused(f"{config} is writable by its group or others (mode 0666)")
+    config.chmod(0o620)
+    refused("writable by its group or others (mode 0620)")
+    config.chmod(0o644)
+    config_dir.chmod(0o777)  # anyone could replace the file
+    refused(f"{config_dir} (on the way to {config}) is writable by its group or others")
+    config_dir.chmod(0o755)
+    alice = config_dir.parent / "alice.toml"  # a link from a root-owned place to a user's file
+    alice.write_text(config.read_text())
+    os.chown(alice, 65534, 0)
+    config.unlink()
+    config.symlink_to(alice)
+    refused(f"{config} (that is {alice}) is owned by uid 65534")
+    config.unlink()
+    config.write_text(alice.read_text())
+    prepare(INSTANCE, a_group().gr_name, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks))
+    assert kernel.driver(INSTANCE) == "vfio-pci"
+
+
+def test_prepare_refuses_a_group_whose_vfio_member_is_not_this_instances(host):
+    """Another function of the NIC's IOMMU group already on vfio-pci (a VM's, another VFIO
+    program's): handing the group node to ixyd would hand it that device as well."""
+    kernel, config_dir, dev, marks = host
+    sibling = INSTANCE[:-1] + "1"
+    make_device(Path(kernel.root), sibling, group=GROUP)
+    bind(kernel, sibling, "vfio-pci")
+    with pytest.raises(HostError, match=f"also holds {sibling}, which is on vfio-pci but is not"):
+        prepare(INSTANCE, a_group().gr_name, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks))
+    assert kernel.writes == [] and kernel.driver(INSTANCE) == "ixgbe" and not marks.exists()
+    assert stat.S_IMODE((dev / str(GROUP)).stat().st_mode) == 0o600
+
+    # the same function as a port of this instance: the group is the instance's
+    (config_dir / "pair.toml").write_text(
+        f'[[port]]\naddress = "{INSTANCE}"\n[[port]]\naddress = "{sibling}"\n'
+    )
+    bindings = prepare(
+        "pair", a_group().gr_name, sysfs=kernel, dev_dir=str(dev), mark_dir=str(marks)
+    )
+    assert [b.address for b in bindings] == [INSTANCE, sibling]
+
+
+def test_install_refuses_a_bin_dir_or_interpreter_others_may_change(tmp_path):
+    """root runs ixyd-host (ExecStartPre=+) with the interpreter from its #! line: a bin dir,
+    program or interpreter another user owns or may write would give that user root."""
+    (tmp_path / "opt/ixyd/bin").mkdir(parents=True)
+    python = tmp_path / "opt/ixyd/bin/python3"
+    python.write_text("")
+    python.chmod(0o755)
+    scripts(tmp_path, "/opt/ixyd/bin", "/opt/ixyd/bin/python3")
+    bin_dir = tmp_path / "opt/ixyd/bin"
+
+    def refused(words: str) -> None:
+        with pytest.raises(HostError, match=re.escape(words)):
+            install(str(tmp_path), bin_dir="/opt/ixyd/bin", apply=False)
+        assert not (tmp_path / "etc").exists()
+
+    bin_dir.chmod(0o777)
+    refused("/opt/ixyd/bin is writable by its group or others (mode 0777)")
+    bin_dir.chmod(0o755)
+    os.chown(bin_dir, 1234, 1234)
+    refused("/opt/ixyd/bin is owned by uid 1234, not root")
+    os.chown(bin_dir, 0, 0)
+    os.chown(python, 1234, 0)
+    refused("/opt/ixyd/bin/python3 is owned by uid 1234, not root")
+    os.chown(python, 0, 0)
+    (tmp_path / "opt").chmod(0o1777)  # sticky: others cannot replace root's entries
+    install(str(tmp_path), bin_dir="/opt/ixyd/bin", apply=False)
+    assert (tmp_path / "etc/systemd/system/ixyd@.service").exists()
+
+
+def test_programs_root_runs_get_roots_environment_not_the_daemon_users(monkeypatch):
+    """ExecStartPre=+ inherits HOME=/var/lib/ixyd (User=ixyd's, which ixyd may write): what
+    ixyd-host runs (modprobe, udevadm, systemd-sysusers) gets root's HOME and a fixed PATH.
+    The interpreter itself runs with -I (tests/nspawn/test_root_helpers.py)."""
+    monkeypatch.setenv("HOME", "/var/lib/ixyd")
+    monkeypatch.setenv("PATH", f"/var/lib/ixyd/bin:{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", "/var/lib/ixyd")
+    ixyd.host._run(["sh", "-c", 'test "$HOME" = /root && test -z "$PYTHONPATH"'])
+    ixyd.host._run(["sh", "-c", 'case ":$PATH:" in *:/var/lib/ixyd/bin:*) exit 1;; esac'])

@@ -51,8 +51,8 @@ def test_install_creates_units_accounts_and_directories(container):
         "750",
     ]
     unit = container.run(["systemctl", "cat", SERVICE]).stdout
-    assert "ExecStart=/opt/ixyd/bin/ixyd %i" in unit
-    assert "ExecStartPre=+/opt/ixyd/bin/ixyd-host prepare --group ixyd %i" in unit
+    assert "ExecStart=/opt/ixyd/bin/ixyd -- %i" in unit
+    assert "ExecStartPre=+/opt/ixyd/bin/python3 -I -m ixyd.host prepare --group ixyd -- %i" in unit
 
 
 def test_systemctl_start_returns_once_ready_and_runs_unprivileged(container):
