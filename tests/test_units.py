@@ -66,7 +66,14 @@ def analyze(root, *args: str) -> subprocess.CompletedProcess:
             *args,
             f"--root={root}",
             f"{units}/ixyd@.service:ixyd@{INSTANCE}.service",
-            *([f"{units}/ixyd@.socket:ixyd@{INSTANCE}.socket"] if args[0] == "verify" else []),
+            *(
+                [
+                    f"{units}/ixyd@.socket:ixyd@{INSTANCE}.socket",
+                    f"{units}/ixyd-metrics@.socket:ixyd-metrics@{INSTANCE}.socket",
+                ]
+                if args[0] == "verify"
+                else []
+            ),
         ],
         capture_output=True,
         text=True,
