@@ -27,6 +27,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 USEC_PER_S = 1_000_000
+SEND_TIMEOUT = 1.0  # seconds a notification may wait for room at systemd's end
 
 
 class Notifier:
@@ -123,6 +124,9 @@ class NotifySocket:
         else:  # vsock: came with systemd 254; Debian 12 has 252
             raise OSError(errno.EAFNOSUPPORT, f"unsupported NOTIFY_SOCKET address {path!r}")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # a receiver that does not keep up (a full queue: net.unix.max_dgram_qlen) must
+        # not hold up the main loop, which stops the daemon and feeds the watchdog
+        self.sock.settimeout(SEND_TIMEOUT)
 
     def send(self, message: str) -> None:
         """Send one message; OSError if it cannot be sent."""
