@@ -19,7 +19,10 @@ A port whose registers cannot be read (shut down, or reading all-ones) loses onl
 driver series for that scrape (`ixyd_scrape_device_success` says so); the rest is served.
 
 The endpoint listens on `metrics` of the instance configuration (default
-127.0.0.1:19911), or on the TCP socket systemd hands over as `metrics`.
+127.0.0.1:19911), or on the TCP socket systemd hands over as `metrics` (under
+ixyd@.service always: ixyd-metrics@.socket binds the port, generator.py sets its
+address). Whatever its clients do, it costs one thread and at most MAX_CONNECTIONS
+descriptors (bounded_http.py).
 """
 
 from __future__ import annotations
