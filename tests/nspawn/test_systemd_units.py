@@ -131,6 +131,7 @@ SLOW_CLIENTS = Path(__file__).resolve().parents[1] / "slow_clients.py"
 AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
 FLOOD = 2000
 FLOOD_SECONDS = 30
+WATCHDOG_SEC = 3  # the test drop-in's WatchdogSec= (nspawn_harness.TEST_DROP_IN)
 
 
 def open_fds(container, pid: str) -> int:
@@ -153,7 +154,11 @@ def test_the_metrics_port_is_bound_by_its_socket_unit(container):
     listening = container.run(["ss", "-Hltnp", f"sport = :{METRICS.rsplit(':', 1)[1]}"]).stdout
     assert '("systemd",pid=1,' in listening and f"pid={pid}," in listening, listening
     host, port = METRICS.rsplit(":", 1)
-    squat = f"import socket; socket.socket().bind(({host!r}, {port}))"
+    squat = (  # SO_REUSEADDR: only a listening socket on the port, not TIME_WAIT, stops it
+        "import socket; s = socket.socket()\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"s.bind(({host!r}, {port}))\n"
+    )
     refused = container.run([*AS_NOBODY, "python3", "-c", squat], check=False)
     assert refused.returncode == 1 and "Address already in use" in refused.stderr, refused
 
@@ -168,17 +173,19 @@ def test_a_port_squatted_before_the_start_fails_the_instance_loudly(container):
     host, port = METRICS.rsplit(":", 1)
     fake = (
         "import socket, time\n"
-        f"s = socket.socket(); s.bind(({host!r}, {port})); s.listen()\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"s.bind(({host!r}, {port})); s.listen()\n"
         "import os; print(os.getpid(), flush=True); time.sleep(120)\n"
     )
     squatter = subprocess.Popen(
         ["nsenter", f"--target={container.leader}", "--all", *AS_NOBODY, "python3", "-c", fake],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     squatter_pid = squatter.stdout.readline().strip()  # in the container's pid space
     try:
-        assert squatter_pid.isdigit()
+        assert squatter_pid.isdigit(), squatter.communicate(timeout=10)
         started = container.run(["systemctl", "start", SERVICE], check=False, timeout=90)
         assert started.returncode != 0
         journal = container.wait_for(
@@ -228,27 +235,26 @@ def test_slow_clients_of_another_user_leave_control_and_watchdog_alone(container
 
     attacker = threading.Thread(target=attack)
     attacker.start()
-    fds, status_ok, watchdog_stamps = [], 0, set()
+    fds, status_ok, ping_ages = [], 0, []
     while attacker.is_alive():
         fds.append(open_fds(container, pid))
         status = json.loads(ctl(container, "--json", "status").stdout)
         status_ok += status["state"] == "running"
-        watchdog_stamps.add(
-            container.show(SERVICE, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
-        )
-        time.sleep(0.5)
+        # systemd's time of the last WATCHDOG=1, on the same CLOCK_MONOTONIC as ours
+        stamp = container.show(SERVICE, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
+        ping_ages.append(time.monotonic() - int(stamp) / 1e6)
     attacker.join()
     assert "error" not in result, result["error"]
     flood = json.loads(result["done"].stdout)
     after = container.show(SERVICE, "MainPID", "NRestarts", "ActiveState")
     print(
         f"under systemd: flood {flood}; fds {fds_before} before, max {max(fds)} during; "
-        f"{status_ok} status answers; {len(watchdog_stamps)} distinct watchdog timestamps"
+        f"{status_ok}/{len(fds)} status answers; last ping at most {max(ping_ages):.2f} s old"
     )
     assert after == {**before, "ActiveState": "active"}, (before, after)  # never restarted
     assert max(fds) <= fds_before + MAX_CONNECTIONS + 2, (fds_before, fds)
-    assert status_ok == len(fds) >= 10
-    assert len(watchdog_stamps) >= FLOOD_SECONDS // 3  # pinged about every second
+    assert status_ok == len(fds) >= 5
+    assert max(ping_ages) < WATCHDOG_SEC, ping_ages  # pings keep coming, about every 1 s
     assert flood["most_open"] >= FLOOD and flood["closed_by_server"] > 0, flood
     journal = container.run(
         ["journalctl", "-u", SERVICE, "--no-pager", "-o", "cat", f"_PID={pid}"]
