@@ -28,7 +28,13 @@ import os
 import sys
 from pathlib import Path
 
-from .config import CONFIG_DIR, DEFAULT_METRICS_ADDRESS, load, parse_listen_address
+from .config import (
+    CONFIG_DIR,
+    DEFAULT_METRICS_ADDRESS,
+    check_instance_name,
+    load,
+    parse_listen_address,
+)
 from .errors import ConfigError
 
 SOCKET_UNIT = "ixyd-metrics@{instance}.socket"
@@ -58,6 +64,7 @@ def generate(normal_dir: str, config_dir: str = CONFIG_DIR) -> dict[str, str]:
         instance = Path(path).stem
         unit = Path(normal_dir, SOCKET_UNIT.format(instance=instance))
         try:
+            check_instance_name(instance)
             address = socket_address(load(instance, path).metrics)
         except ConfigError as exc:
             print(f"ixyd-metrics-generator: {path}: {exc}; masking {unit.name}", file=sys.stderr)

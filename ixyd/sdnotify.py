@@ -38,7 +38,8 @@ class Notifier:
     def __init__(self, send: Callable[[str], Any] | None, watchdog_usec: int | None = None):
         self._send = send
         self.watchdog_usec = watchdog_usec
-        self._failing: str | None = None  # why the last message failed, while they fail
+        self._failed: set[str] = set()  # keys of messages that failed since the last success
+        self._failure = ""  # why the last one failed
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Notifier:
@@ -72,19 +73,21 @@ class Notifier:
             self._send(message)
         except OSError as exc:
             # Not debug: a lost WATCHDOG=1 gets the instance killed after WatchdogSec=, and
-            # a lost READY=1 fails its start. Once per failing streak, not every second.
-            if self._failing is None:
+            # a lost READY=1 fails its start. Once per kind of message while sending
+            # fails, not every second.
+            if not fields.keys() <= self._failed:
                 log.error(
                     "sd_notify %s failed: %s%s",
                     ", ".join(fields),
                     exc.strerror or exc,
                     "; without WATCHDOG=1 systemd kills the instance" * ("WATCHDOG" in fields),
                 )
-            self._failing = str(exc)
+            self._failed |= fields.keys()
+            self._failure = str(exc)
             return
-        if self._failing is not None:
-            log.info("sd_notify works again (it failed with: %s)", self._failing)
-            self._failing = None
+        if self._failed:
+            log.info("sd_notify works again (it failed with: %s)", self._failure)
+            self._failed = set()
 
     def ready(self, status: str) -> None:
         self.notify(READY=1, STATUS=status)

@@ -245,16 +245,20 @@ def test_status_text_names_link_and_rates():
 
 def test_a_failed_watchdog_ping_is_logged_as_an_error_once(tmp_path, caplog):
     """Issue 12, A1: a WATCHDOG=1 that cannot be sent gets the instance killed, so it is an
-    error in the log (once per failing streak), and its recovery is logged too."""
+    error in the log (once per kind of message while sending fails), and so is the
+    recovery."""
     path = str(tmp_path / "notify")
     notifier = Notifier.from_environment({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "3000000"})
     with caplog.at_level(logging.INFO, logger="ixyd.sdnotify"):
-        notifier.watchdog()  # nobody listens at `path` yet
+        notifier.status("x")  # nobody listens at `path` yet
         notifier.watchdog()
-        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-        assert len(errors) == 1, caplog.text
-        assert "sd_notify WATCHDOG failed" in errors[0].getMessage()
-        assert "without WATCHDOG=1 systemd kills the instance" in errors[0].getMessage()
+        notifier.watchdog()
+        notifier.status("y")
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 2, caplog.text  # once for STATUS, once for WATCHDOG
+        assert errors[0].startswith("sd_notify STATUS failed")
+        assert errors[1].startswith("sd_notify WATCHDOG failed")
+        assert "without WATCHDOG=1 systemd kills the instance" in errors[1]
         listener = NotifySocket(path)
         notifier.watchdog()
         assert listener.read_for(1.0) == [{"WATCHDOG": "1"}]
