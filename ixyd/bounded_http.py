@@ -43,8 +43,8 @@ ACCEPT_PAUSE = 0.5  # seconds without accepting after EMFILE/ENFILE, so the loop
 # A client still sending its request this long after accept may lose its slot to a new
 # one. A scraper's request is there at accept (it sends it right after connecting), so it
 # is not at risk; the wait bounds how fast a flood makes the server churn: at most
-# max_connections / EVICT_AFTER connections a second (tests/test_metrics.py: with 2,000
-# slow clients a scrape took 3.4 s at worst at 0.01 s, 7.6 s at 0.1 s).
+# max_connections / EVICT_AFTER connections a second (benchmarks/metrics_flood.py: with
+# 2,000 slow clients a scrape took 3.3-3.4 s at worst at 0.01 s, 7.6 s at 0.1 s).
 EVICT_AFTER = 0.01
 SELECT_TICK = 0.2  # seconds: the longest the loop sleeps before it checks deadlines and stop
 METHODS = ("GET", "HEAD")
