@@ -48,6 +48,7 @@ ACCEPT_PAUSE = 0.5  # seconds without accepting after EMFILE/ENFILE, so the loop
 EVICT_AFTER = 0.01
 SELECT_TICK = 0.2  # seconds: the longest the loop sleeps before it checks deadlines and stop
 METHODS = ("GET", "HEAD")
+REFUSALS = ("deadline", "slot_taken", "bad_request")  # reasons in BoundedHttpServer.refused
 
 
 @dataclass
@@ -87,8 +88,10 @@ class BoundedHttpServer:
     """Serve `answer(request)` on `listen_socket` (bound and listening) from one thread.
 
     `start()` starts the thread (named `thread_name`); `close()` stops it, closes every
-    connection and the listening socket. `refused` counts connections closed because of
-    a deadline, a slot taken over, or a bad or oversized request.
+    connection and the listening socket. `refused` counts the connections closed without
+    an answer or with an error, by reason: `deadline` (a deadline passed), `slot_taken`
+    (a newer client took its slot), `bad_request` (a malformed, oversized or non-GET
+    request); `open_connections` is how many are open now.
     """
 
     def __init__(
@@ -108,9 +111,7 @@ class BoundedHttpServer:
         self.max_connections = max_connections
         self.request_deadline = request_deadline
         self.response_deadline = response_deadline
-        self.refused = 0
-        self.served = 0
-        self.peak_connections = 0
+        self.refused = dict.fromkeys(REFUSALS, 0)
         self._connections: dict[int, _Connection] = {}  # by fd, in accept order
         self._selector = selectors.DefaultSelector()
         self._accepting = False
@@ -218,7 +219,6 @@ class BoundedHttpServer:
             sock.setblocking(False)
             conn = _Connection(sock, str(address[0]), time.monotonic())
             self._connections[sock.fileno()] = conn
-            self.peak_connections = max(self.peak_connections, len(self._connections))
             self._selector.register(sock, selectors.EVENT_READ, conn)
             # a scraper's request is usually in the socket already: answer it now, before
             # the next accept could take its slot
@@ -228,14 +228,14 @@ class BoundedHttpServer:
         """Close the slowest client (see _slowest); False if there is none."""
         conn = self._slowest()
         if conn is not None:
-            self._refuse(conn, "slot taken by a newer client")
+            self._refuse(conn, "slot_taken", "slot taken by a newer client")
         return conn is not None
 
     def _expire(self, now: float) -> None:
         for conn in list(self._connections.values()):
             if now >= self._deadline(conn):
                 what = "its answer" if conn.answering else "its request"
-                self._refuse(conn, f"deadline for {what} passed")
+                self._refuse(conn, "deadline", f"deadline for {what} passed")
 
     # ------------------------------------------------------------------ one connection
     def _serve(self, conn: _Connection, readable: bool) -> None:
@@ -281,10 +281,8 @@ class BoundedHttpServer:
         return answer
 
     def _respond(self, conn: _Connection, answer: Answer) -> None:
-        if answer.status >= HTTPStatus.BAD_REQUEST:
-            self.refused += 1
-        else:
-            self.served += 1
+        if HTTPStatus.BAD_REQUEST <= answer.status < HTTPStatus.INTERNAL_SERVER_ERROR:
+            self.refused["bad_request"] += 1
         headers = {"Content-Length": str(len(answer.body)), **answer.headers, "Connection": "close"}
         head = f"HTTP/1.1 {answer.status.value} {answer.status.phrase}\r\n" + "".join(
             f"{name}: {value}\r\n" for name, value in headers.items()
@@ -301,8 +299,8 @@ class BoundedHttpServer:
             conn.sock.shutdown(socket.SHUT_WR)
         self._drop(conn)
 
-    def _refuse(self, conn: _Connection, why: str) -> None:
-        self.refused += 1
+    def _refuse(self, conn: _Connection, reason: str, why: str) -> None:
+        self.refused[reason] += 1
         log.debug("http: closing the connection from %s: %s", conn.peer, why)
         self._drop(conn)
 

@@ -405,6 +405,7 @@ class MetricsServer:
         self.collector = collector
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        self.registry.register(self)  # collect(): the endpoint's own connections
         ProcessCollector(registry=self.registry)
         self.activated = listen_socket is not None
         self._requested = address
@@ -507,10 +508,26 @@ class MetricsServer:
             headers["Content-Encoding"] = "gzip"
         return Answer(HTTPStatus.OK, headers, body)
 
-    @property
-    def connections(self) -> int:
-        """Client connections open right now (at most MAX_CONNECTIONS)."""
-        return self._server.open_connections if self._server is not None else 0
+    def collect(self) -> Iterator[Metric]:
+        """The endpoint's own series: its open connections and those it refused."""
+        server = self._server
+        if server is None:
+            return
+        out = _Families()
+        out.gauge(
+            "ixyd_metrics_connections",
+            f"Connections open to this metrics endpoint (at most {MAX_CONNECTIONS})",
+            {},
+            server.open_connections,
+        )
+        for reason, count in server.refused.items():
+            out.counter(
+                "ixyd_metrics_refused_connections",
+                "Connections to this endpoint closed unanswered or answered with an error",
+                {"reason": reason},
+                count,
+            )
+        yield from out
 
     def close(self) -> None:
         """Stop serving and reading the instance; waits for a scrape in progress. Idempotent."""

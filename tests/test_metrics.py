@@ -480,7 +480,10 @@ def test_a_request_trickled_in_is_cut_off_at_its_deadline_not_per_byte():
                 closed_after = time.monotonic() - connected
                 break
         slow.close()
-        assert "ixyd_build_info" in scrape(server.url)
+        families = scrape(server.url)
+        # counted: the endpoint says how many it cut off, and why
+        assert value(families, "ixyd_metrics_refused_connections_total", reason="deadline") == 1
+        assert value(families, "ixyd_metrics_connections") == 1  # this scrape
     finally:
         server.close()
     assert closed_after is not None, "the trickling client was never cut off"
