@@ -207,12 +207,23 @@ def install(
             os.unlink(Path(root, where["units"], TAP_DROP_IN_NAME))
     for name, key in CONFIG_FILES:
         put((source / name).read_text(), where[key], os.path.basename(name))
-    python = _interpreter(os.path.join(root, bin_dir.lstrip("/"), "ixyd")) or sys.executable
-    put(GENERATOR.format(python=python), where["generators"], GENERATOR_NAME, 0o755)
+    put(GENERATOR.format(python=_python(root, bin_dir)), where["generators"], GENERATOR_NAME, 0o755)
     commands = _apply_commands(root, runtime) if apply else []
     for command in commands:
         _run(command)
     return Installed(tuple(written), tuple(tuple(c) for c in commands))
+
+
+def _python(root: str, bin_dir: str) -> str:
+    """The Python that runs ixyd from bin_dir (for the generator): the venv's python next
+    to it, else the interpreter on ixyd's #! line if that is a Python, else this one."""
+    venv_python = os.path.join(bin_dir, "python3")
+    if os.access(os.path.join(root, venv_python.lstrip("/")), os.X_OK):
+        return venv_python
+    interpreter = _interpreter(os.path.join(root, bin_dir.lstrip("/"), "ixyd"))
+    if interpreter and os.path.basename(interpreter).startswith("python"):
+        return interpreter
+    return sys.executable
 
 
 def _resolve_below(root: str, path: str) -> str:

@@ -108,6 +108,25 @@ def test_install_writes_the_units_with_the_bin_dir_and_creates_the_accounts(unit
 
 
 @needs_root
+def test_install_puts_the_metrics_generator_where_systemd_runs_it(unit_root, tmp_path):
+    """The generator (ixyd/generator.py) is installed executable, runs isolated (-I) with
+    a Python that has ixyd, and writes into the directory systemd gives it."""
+    install(str(unit_root), bin_dir=BIN_DIR, apply=False)
+    generator = unit_root / "etc/systemd/system-generators/ixyd-metrics-generator"
+    assert stat.S_IMODE(generator.stat().st_mode) == 0o755
+    python = generator.read_text().splitlines()[0]
+    assert python == f"#!{sys.executable} -I"  # the stand-in ixyd is a shell script
+    done = subprocess.run(
+        [str(generator), str(tmp_path / "normal"), str(tmp_path / "early"), str(tmp_path / "late")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (unit_root / "etc/systemd/system/ixyd-metrics@.socket").exists()
+
+
+@needs_root
 def test_systemd_analyze_verify_accepts_the_template_under_a_pci_address(unit_root):
     install(str(unit_root), bin_dir=BIN_DIR, apply=False)
     done = analyze(unit_root, "verify", "--man=no")
