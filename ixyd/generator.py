@@ -2,9 +2,9 @@
 instance configuration (a systemd generator, systemd.generator(7)).
 
 systemd, not the daemon, binds the metrics port of an instance under ixyd@.service: the
-socket unit ixyd-metrics@<instance>.socket holds it from the instance's start on, across
-crashes of the daemon, so no other local user can take the port and have their numbers
-scraped as the instance's. The port is set where the rest of the instance is, in `metrics`
+socket unit ixyd-metrics@<instance>.socket holds it from the instance's start on and
+across restarts, so no other local user can take the port and have their numbers scraped
+as the instance's. The port is set where the rest of the instance is, in `metrics`
 of /etc/ixyd/<instance>.toml, and this generator carries it into the unit: systemd runs
 it at boot and on every `systemctl daemon-reload`, and it writes for every configuration
 file

@@ -161,6 +161,12 @@ def test_the_metrics_port_is_bound_by_its_socket_unit(container):
     )
     refused = container.run([*AS_NOBODY, "python3", "-c", squat], check=False)
     assert refused.returncode == 1 and "Address already in use" in refused.stderr, refused
+    # a restart keeps systemd's listening socket: the port is never free in between
+    inode = re.search(r"ino:(\d+)", container.run(["ss", "-Hltne", f"sport = :{port}"]).stdout)
+    container.run(["systemctl", "restart", SERVICE], timeout=60)
+    again = re.search(r"ino:(\d+)", container.run(["ss", "-Hltne", f"sport = :{port}"]).stdout)
+    assert inode and again and inode.group(1) == again.group(1), (inode, again)
+    assert container.show(SERVICE, "MainPID")["MainPID"] != pid
 
 
 def test_a_port_squatted_before_the_start_fails_the_instance_loudly(container):
@@ -169,7 +175,7 @@ def test_a_port_squatted_before_the_start_fails_the_instance_loudly(container):
     refuses to run without it (and says why), and once the port is free again the next
     automatic restart serves it."""
     container.run(["systemctl", "stop", SERVICE], timeout=60)
-    assert not active(container, METRICS_SOCKET)  # PartOf=: stopped with the service
+    assert not active(container, METRICS_SOCKET)  # StopPropagatedFrom=: stopped with it
     host, port = METRICS.rsplit(":", 1)
     fake = (
         "import socket, time\n"
