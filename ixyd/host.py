@@ -4,11 +4,13 @@
     ixyd-host prepare [--group ixyd] INSTANCE            ExecStartPre=+ of ixyd@.service
     ixyd-host release [--if-stopped-cleanly] INSTANCE    ExecStopPost=+ of ixyd@.service
 
-The units run prepare and release as `python -I -m ixyd.host` (isolated from the daemon
+The units run prepare, release and reload as `python -I -m ...` (isolated from the daemon
 user's HOME and site-packages, see ixyd@.service).
 
-`install` writes systemd/ixyd@.service and ixyd@.socket (with the directory of the `ixyd`
-executables filled in), etc/sysusers.d, etc/tmpfiles.d and the udev rule, then applies
+`install` writes systemd/ixyd@.service, ixyd@.socket and ixyd-metrics@.socket (with the
+directory of the `ixyd` executables and their interpreter filled in), the generator that
+gives each metrics socket its instance's address, etc/sysusers.d, etc/tmpfiles.d and the
+udev rule, then applies
 them: systemd-sysusers creates the users, systemd-tmpfiles the directories, udev and
 systemd reload their rules and units when they run.
 
@@ -67,7 +69,22 @@ SYSTEMCTL_TIMEOUT = 10  # seconds for systemctl to queue a job (--no-block)
 
 
 # What `install` writes: (source relative to the share dir, destination dir key, file name)
-UNIT_FILES = ("systemd/ixyd@.service", "systemd/ixyd@.socket")
+UNIT_FILES = ("systemd/ixyd@.service", "systemd/ixyd@.socket", "systemd/ixyd-metrics@.socket")
+# The generator that gives each ixyd-metrics@<instance>.socket the instance's `metrics`
+# address (ixyd/generator.py); run by the daemon's Python, isolated (-I: no user site,
+# no script directory on sys.path), as systemd runs generators as root.
+GENERATOR_NAME = "ixyd-metrics-generator"
+GENERATOR = """\
+#!{python} -I
+# Written by `ixyd-host install`. systemd runs it at boot and on every daemon-reload
+# (systemd.generator(7)): ListenStream= of ixyd-metrics@<instance>.socket from `metrics`
+# in /etc/ixyd/<instance>.toml. See ixyd/generator.py.
+import sys
+
+from ixyd.generator import main
+
+sys.exit(main())
+"""
 CONFIG_FILES = (
     ("etc/sysusers.d/ixyd.conf", "sysusers"),
     ("etc/tmpfiles.d/ixyd.conf", "tmpfiles"),
@@ -113,12 +130,14 @@ DESTINATIONS = {
         "sysusers": "etc/sysusers.d",
         "tmpfiles": "etc/tmpfiles.d",
         "udev": "etc/udev/rules.d",
+        "generators": "etc/systemd/system-generators",
     },
     "run": {
         "units": "run/systemd/system",
         "sysusers": "run/sysusers.d",
         "tmpfiles": "run/tmpfiles.d",
         "udev": "run/udev/rules.d",
+        "generators": "run/systemd/system-generators",
     },
 }
 
@@ -222,12 +241,12 @@ def install(
     where = DESTINATIONS["run" if runtime else "etc"]
     written = []
 
-    def put(text: str, directory: str, name: str) -> None:
+    def put(text: str, directory: str, name: str, mode: int = 0o644) -> None:
         target = Path(root, directory, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.tmp")
         temporary.write_text(text)
-        temporary.chmod(0o644)
+        temporary.chmod(mode)
         os.replace(temporary, target)
         written.append(str(target))
 
@@ -241,6 +260,8 @@ def install(
             os.unlink(Path(root, where["units"], TAP_DROP_IN_NAME))
     for name, key in CONFIG_FILES:
         put((source / name).read_text(), where[key], os.path.basename(name))
+    # the generator runs as root at boot: the same interpreter as the units' root lines, -I
+    put(GENERATOR.format(python=python), where["generators"], GENERATOR_NAME, 0o755)
     commands = _apply_commands(root, runtime) if apply else []
     for command in commands:
         _run(command)

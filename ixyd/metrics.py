@@ -19,33 +19,50 @@ A port whose registers cannot be read (shut down, or reading all-ones) loses onl
 driver series for that scrape (`ixyd_scrape_device_success` says so); the rest is served.
 
 The endpoint listens on `metrics` of the instance configuration (default
-127.0.0.1:19911), or on the TCP socket systemd hands over as `metrics`.
+127.0.0.1:19911), or on the TCP socket systemd hands over as `metrics` (under
+ixyd@.service always: ixyd-metrics@.socket binds the port, generator.py sets its
+address). Whatever its clients do, it costs one thread and at most MAX_CONNECTIONS
+descriptors (bounded_http.py).
 """
 
 from __future__ import annotations
 
-import http.server
+import errno
+import gzip
 import logging
+import os
 import platform
+import pwd
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from http import HTTPStatus
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.exposition import MetricsHandler
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 
 from . import __version__, activation
+from .bounded_http import Answer, BoundedHttpServer, Request
 from .errors import IxydError
 
 log = logging.getLogger(__name__)
 
 ACTIVATION_FD_NAME = "metrics"  # FileDescriptorName= in the socket unit
+# Set by ixyd@.service to the socket unit that binds the metrics port (ixyd-metrics@.socket)
+SOCKET_UNIT_ENV = "IXYD_METRICS_SOCKET"
 BYTES_PER_MBIT = 125_000  # link speed: node_network_speed_bytes is bytes per second
 CLOSE_TIMEOUT = 2.0  # seconds close() waits for the server thread
-REQUEST_TIMEOUT = 10.0  # seconds a client may take to send its request
+# What a client of the endpoint may cost (bounded_http.py). Prometheus opens one connection
+# per scrape and sends its request at once; 8 slots leave room for a few scrapers and a
+# curl, and cap the endpoint at 8 descriptors however many clients connect.
+MAX_CONNECTIONS = 8
+REQUEST_DEADLINE = 5.0  # seconds from accept to the end of the request header
+RESPONSE_DEADLINE = 15.0  # seconds from accept to the last byte of the answer
+LISTEN_BACKLOG = 128  # connections the kernel queues for accept (no descriptor of ours)
+TCP_LISTEN = "0A"  # the state column of /proc/net/tcp for a listening socket
 
 # Per-queue traffic, as the NIC counts it (the driver's queue_stats): the frames it put in
 # the RX rings and took from the TX rings. What the workers took out of the RX rings is
@@ -366,30 +383,14 @@ class IxydCollector:
 
 
 # ---------------------------------------------------------------------------- server
-class _Handler(MetricsHandler):
-    timeout = REQUEST_TIMEOUT  # a client that sends nothing does not keep a thread forever
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True  # a hanging client never holds up the process exit
-
-    def handle_error(self, request, client_address) -> None:
-        """A client that went away mid-answer (Prometheus' scrape timeout) is its business:
-        log it, no traceback on stderr (socketserver's default)."""
-        log.debug("metrics: request from %s failed", client_address[0], exc_info=True)
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
 class MetricsServer:
     """The HTTP endpoint: `GET /metrics` (any path) answers with the collector's series
     and the process's own (CPU, memory, file descriptors).
 
     Give `address` ((host, port), port 0: any free port) or `listen_socket` (a listening
     TCP socket, from socket activation). `serve()` starts the server thread, `close()`
-    stops it and closes the collector.
+    stops it and closes the collector. Whatever clients do, the endpoint holds at most
+    MAX_CONNECTIONS connections and one thread (bounded_http.py).
     """
 
     def __init__(
@@ -404,18 +405,30 @@ class MetricsServer:
         self.collector = collector
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        self.registry.register(self)  # collect(): the endpoint's own connections
         ProcessCollector(registry=self.registry)
         self.activated = listen_socket is not None
         self._requested = address
         self._socket = listen_socket
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BoundedHttpServer | None = None
         self.address = "" if address is None else _format(*address)
 
     @classmethod
-    def for_instance(cls, collector: IxydCollector, address: tuple[str, int] | None):
+    def for_instance(
+        cls,
+        collector: IxydCollector,
+        address: tuple[str, int] | None,
+        environ: Mapping[str, str] = os.environ,
+    ):
         """The socket systemd handed over as `metrics` if there is one, else a server on
-        `address`; None if there is neither (metrics off)."""
+        `address`; None if there is neither (metrics off).
+
+        Under ixyd@.service ($IXYD_METRICS_SOCKET names the socket unit that binds the
+        port) a fixed port must come from systemd: if that socket unit handed over nothing
+        (it could not bind: someone else holds the port), raises MetricsError rather than
+        binding the port itself or running without metrics. A handed-over socket on
+        another address than `address` is served, with a warning (stale generated units).
+        """
         sock = activation.activated_socket(
             ACTIVATION_FD_NAME,
             (socket.AF_INET, socket.AF_INET6),
@@ -423,9 +436,26 @@ class MetricsServer:
             "use ListenStream=127.0.0.1:<port> in the socket unit (one port per instance)",
         )
         if sock is not None:
+            bound = _format(*sock.getsockname()[:2])
+            if address is not None and bound != _format(*address):
+                log.warning(
+                    "metrics: serving on %s, the socket systemd handed over, not on %s from "
+                    "the configuration; `systemctl daemon-reload` and a restart of the "
+                    "socket unit bring them together",
+                    bound,
+                    _format(*address),
+                )
             return cls(collector, listen_socket=sock)
         if address is None:
             return None
+        socket_unit = environ.get(SOCKET_UNIT_ENV)
+        if socket_unit and address[1] != 0:
+            raise MetricsError(
+                f"{socket_unit} handed over no socket for {_format(*address)}: it could not "
+                "bind the port (`systemctl status " + socket_unit + "` says why; if another "
+                "process holds the port, stop it or give this instance another `metrics` "
+                "port); not binding the port here, so nobody else's answers pass for ours"
+            )
         return cls(collector, address=address)
 
     @property
@@ -434,40 +464,105 @@ class MetricsServer:
 
     def serve(self) -> None:
         """Listen (unless handed a socket) and serve on the `ixyd-metrics` thread. Raises
-        MetricsError if the address cannot be bound."""
-        handler = _Handler.factory(self.registry)
-        if self._socket is not None:
-            server = _Server(self._socket.getsockname()[:2], handler, bind_and_activate=False)
-            server.socket.close()
-            server.socket = self._socket  # already bound and listening (socket activation)
-        else:
-            host, port = self._requested
-            try:
-                server = (_Server6 if ":" in host else _Server)((host, port), handler)
-            except OSError as exc:
-                raise MetricsError(
-                    f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
-                ) from exc
-        self._server = server
-        self.address = _format(*server.socket.getsockname()[:2])  # port 0: the one it got
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="ixyd-metrics"
+        MetricsError if the address cannot be bound (naming who holds the port, if known)."""
+        sock = self._socket if self._socket is not None else self._listen(*self._requested)
+        self._socket = None  # the server owns it now
+        self.address = _format(*sock.getsockname()[:2])  # port 0: the one it got
+        self._server = BoundedHttpServer(
+            sock,
+            self._answer,
+            max_connections=MAX_CONNECTIONS,
+            request_deadline=REQUEST_DEADLINE,
+            response_deadline=RESPONSE_DEADLINE,
+            thread_name="ixyd-metrics",
         )
-        self._thread.daemon = True
-        self._thread.start()
+        self._server.start()
         log.info("metrics: serving on %s%s", self.url, " (socket-activated)" * self.activated)
+
+    @staticmethod
+    def _listen(host: str, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            # a restarted instance rebinds at once although the old answers are in TIME_WAIT
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            holder = listening_uid(port) if exc.errno == errno.EADDRINUSE else None
+            held = f" (a socket of {_user(holder)} listens on port {port})" * (holder is not None)
+            raise MetricsError(
+                f"cannot serve metrics on {_format(host, port)}: {exc.strerror or exc}{held}; "
+                "stop that process, or give this instance another port with `metrics`"
+            ) from exc
+        return sock
+
+    def _answer(self, request: Request) -> Answer:
+        """Any path: the series, in the format the scraper asks for (text or OpenMetrics),
+        gzipped if it accepts that (as prometheus_client's own handler does)."""
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        body = encode(self.registry)
+        headers = {"Content-Type": content_type}
+        if gzip_accepted(request.headers.get("accept-encoding", "")):
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        return Answer(HTTPStatus.OK, headers, body)
+
+    def collect(self) -> Iterator[Metric]:
+        """The endpoint's own series: its open connections and those it refused."""
+        server = self._server
+        if server is None:
+            return
+        out = _Families()
+        out.gauge(
+            "ixyd_metrics_connections",
+            f"Connections open to this metrics endpoint (at most {MAX_CONNECTIONS})",
+            {},
+            server.open_connections,
+        )
+        for reason, count in server.refused.items():
+            out.counter(
+                "ixyd_metrics_refused_connections",
+                "Connections to this endpoint closed unanswered or answered with an error",
+                {"reason": reason},
+                count,
+            )
+        yield from out
 
     def close(self) -> None:
         """Stop serving and reading the instance; waits for a scrape in progress. Idempotent."""
         if self._server is not None:
-            self._server.shutdown()
-            self._thread.join(CLOSE_TIMEOUT)
-            self._server.server_close()
+            self._server.close(CLOSE_TIMEOUT)
             self._server = None
         elif self._socket is not None:
             self._socket.close()
         self._socket = None
         self.collector.close()
+
+
+def listening_uid(port: int) -> int | None:
+    """The uid owning a TCP socket that listens on `port` (any address), from
+    /proc/net/tcp and tcp6 (proc(5): local address, state 0A = LISTEN, uid); None if
+    none is found or /proc cannot be read."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 7 and fields[3] == TCP_LISTEN:
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return int(fields[7])
+    return None
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _format(host: str, port: int) -> str:

@@ -16,8 +16,10 @@ pings and systemd kills and restarts the instance (WatchdogSec=, Restart=on-abno
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -25,25 +27,33 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 USEC_PER_S = 1_000_000
+SEND_TIMEOUT = 1.0  # seconds a notification may wait for room at systemd's end
 
 
 class Notifier:
-    """Sends sd_notify messages through `send` (systemd.daemon.notify); with send=None
-    every method does nothing, which is what a daemon not started by systemd gets."""
+    """Sends sd_notify messages through `send` (NotifySocket.send); with send=None every
+    method does nothing, which is what a daemon not started by systemd gets. A message
+    that cannot be sent is logged as an error (once until one gets through again)."""
 
     def __init__(self, send: Callable[[str], Any] | None, watchdog_usec: int | None = None):
         self._send = send
         self.watchdog_usec = watchdog_usec
+        self._failed: set[str] = set()  # keys of messages that failed since the last success
+        self._failure = ""  # why the last one failed
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Notifier:
         """The notifier systemd asked for: enabled when $NOTIFY_SOCKET is set (Type=notify),
         with the watchdog period from $WATCHDOG_USEC when $WATCHDOG_PID is ours or unset."""
-        if not environ.get("NOTIFY_SOCKET"):
+        path = environ.get("NOTIFY_SOCKET")
+        if not path:
             return cls(None)
-        from systemd import daemon  # systemd-python: sd_notify(3) itself
-
-        return cls(daemon.notify, watchdog_usec(environ, os.getpid()))
+        try:
+            sender = NotifySocket(path)
+        except OSError as exc:
+            log.error("cannot open systemd's notify socket %s: %s; sending nothing", path, exc)
+            return cls(None)
+        return cls(sender.send, watchdog_usec(environ, os.getpid()))
 
     @property
     def enabled(self) -> bool:
@@ -61,8 +71,23 @@ class Notifier:
         message = "\n".join(f"{key}={_one_line(value)}" for key, value in fields.items())
         try:
             self._send(message)
-        except OSError as exc:  # systemd went away: nothing the daemon can do about it
-            log.debug("sd_notify(%r) failed: %s", message, exc)
+        except OSError as exc:
+            # Not debug: a lost WATCHDOG=1 gets the instance killed after WatchdogSec=, and
+            # a lost READY=1 fails its start. Once per kind of message while sending
+            # fails, not every second.
+            if not fields.keys() <= self._failed:
+                log.error(
+                    "sd_notify %s failed: %s%s",
+                    ", ".join(fields),
+                    exc.strerror or exc,
+                    "; without WATCHDOG=1 systemd kills the instance" * ("WATCHDOG" in fields),
+                )
+            self._failed |= fields.keys()
+            self._failure = str(exc)
+            return
+        if self._failed:
+            log.info("sd_notify works again (it failed with: %s)", self._failure)
+            self._failed = set()
 
     def ready(self, status: str) -> None:
         self.notify(READY=1, STATUS=status)
@@ -82,6 +107,33 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.notify(WATCHDOG=1)
+
+
+class NotifySocket:
+    """The datagram socket to systemd's $NOTIFY_SOCKET, opened once at start and kept.
+
+    sd_notify(3) opens a socket per message, so a process that has run out of file
+    descriptors cannot ping the watchdog (and systemd kills it for a hang it does not
+    have). Opened once, the ping needs no descriptor. The protocol is sd_notify(3)'s: one
+    datagram of newline-separated KEY=value assignments to the AF_UNIX socket the
+    variable names, a leading '@' meaning the abstract namespace; systemd learns the
+    sender from the credentials the kernel attaches (NotifyAccess=main)."""
+
+    def __init__(self, path: str):
+        if path.startswith("@"):
+            self.address: str | bytes = b"\0" + path[1:].encode()
+        elif path.startswith("/"):
+            self.address = path
+        else:  # vsock: came with systemd 254; Debian 12 has 252
+            raise OSError(errno.EAFNOSUPPORT, f"unsupported NOTIFY_SOCKET address {path!r}")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # a receiver that does not keep up (a full queue: net.unix.max_dgram_qlen) must
+        # not hold up the main loop, which stops the daemon and feeds the watchdog
+        self.sock.settimeout(SEND_TIMEOUT)
+
+    def send(self, message: str) -> None:
+        """Send one message; OSError if it cannot be sent."""
+        self.sock.sendto(message.encode(), self.address)
 
 
 def _one_line(value: object) -> str:

@@ -345,7 +345,9 @@ class Instance:
         """The Prometheus endpoint (metrics.py): the socket systemd hands over as `metrics`,
         else the configured address. Only the built-in default may be taken by someone
         else (a second instance, a test): the instance then runs without metrics and says
-        so; an address the configuration asked for must be served or the start fails."""
+        so; an address the configuration asked for must be served or the start fails (exit
+        1: the port may be free on the next try). Under ixyd@.service the port must come
+        from ixyd-metrics@.socket (MetricsServer.for_instance)."""
         configured = self.config.metrics
         address = parse_listen_address(
             DEFAULT_METRICS_ADDRESS if configured is None else configured

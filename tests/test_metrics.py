@@ -6,10 +6,12 @@ activation of a real daemon process. Prometheus itself: test_prometheus.py."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,12 +23,29 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hosttools import NOBODY
 from prometheus_client.parser import text_string_to_metric_families
 
-from ixyd.config import ConfigError, build, demo_config, load, parse_listen_address
+from ixyd.config import (
+    DEFAULT_METRICS_ADDRESS,
+    ConfigError,
+    build,
+    demo_config,
+    load,
+    parse_listen_address,
+)
 from ixyd.drivers.config import PortConfig
 from ixyd.drivers.ixgbe import IxgbePort
-from ixyd.metrics import IxydCollector, MetricsError, MetricsServer
+from ixyd.errors import EXIT_FAILED
+from ixyd.generator import generate
+from ixyd.metrics import (
+    MAX_CONNECTIONS,
+    REQUEST_DEADLINE,
+    SOCKET_UNIT_ENV,
+    IxydCollector,
+    MetricsError,
+    MetricsServer,
+)
 from ixyd.model import ModelNic
 from ixyd.service import Instance
 
@@ -405,3 +424,162 @@ def test_metrics_off_and_a_bad_address_on_the_command_line(run_dir):
         proc.terminate()
         out = proc.communicate(timeout=20)[0]
     assert "metrics: off" in out
+
+
+# ---------------------------------------------------------------------------- slow clients
+# The flood itself (a daemon with 1024 open files and a watchdog, 2,000 slow clients from
+# user nobody, what the daemon did meanwhile) is benchmarks/metrics_flood.py, which prints
+# the figures docs/metrics.md quotes; this test runs it and checks the bounds.
+_spec = importlib.util.spec_from_file_location(
+    "metrics_flood", REPO / "benchmarks" / "metrics_flood.py"
+)
+metrics_flood = sys.modules["metrics_flood"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(metrics_flood)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runs the clients as nobody)")
+def test_slow_clients_of_another_user_starve_neither_control_nor_watchdog(run_dir):
+    """Issue 12, A1: 2,000 slow connections from user nobody to the metrics port of a real
+    daemon with the default soft limit of 1024 open files, a watchdog and systemd's part
+    played by the test: the status call answers throughout, WATCHDOG=1 keeps coming, the
+    daemon's descriptors and threads stay bounded, and scrapes still get through."""
+    flood = metrics_flood.run(run_dir, clients=2000, seconds=30.0)
+    print(flood.summary())
+    assert flood.fds_max <= flood.fds_before + MAX_CONNECTIONS + 2, flood.fds
+    assert flood.threads_max <= flood.threads_before, flood.threads
+    assert flood.attack["most_open"] >= 2000 and flood.attack["opened"] > 2000, flood.attack
+    assert flood.attack["closed_by_server"] > 0, flood.attack  # deadlines, slots taken over
+    assert flood.ping_gap_max < flood.watchdog_seconds, flood.pings  # systemd would not kill
+    assert len(flood.status_seconds) >= 10 and not flood.status_failures, flood.status_failures
+    assert flood.scrapes_ok, f"no scrape got through the flood: {flood.scrape_seconds}"
+    assert flood.exit_code == 0, flood.output
+    assert "sd_notify" not in flood.output, flood.output  # no notification failed
+
+
+# ---------------------------------------------------------------------------- one slow client
+def test_a_request_trickled_in_is_cut_off_at_its_deadline_not_per_byte():
+    """A client that sends its request one byte every 0.5 s (inside any per-read timeout)
+    is closed REQUEST_DEADLINE after it connected; meanwhile a scraper is answered."""
+    server = MetricsServer(IxydCollector(lambda: [], "slow"), address=("127.0.0.1", 0))
+    server.serve()
+    try:
+        host, port = server.address.rsplit(":", 1)
+        slow = socket.create_connection((host, int(port)))
+        connected = time.monotonic()
+        slow.settimeout(0.5)
+        closed_after = None
+        for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+            try:
+                slow.send(bytes([byte]))
+                if slow.recv(1) == b"":
+                    closed_after = time.monotonic() - connected
+                    break
+            except TimeoutError:
+                continue
+            except OSError:  # reset: closed as well
+                closed_after = time.monotonic() - connected
+                break
+        slow.close()
+        families = scrape(server.url)
+        # counted: the endpoint says how many it cut off, and why
+        assert value(families, "ixyd_metrics_refused_connections_total", reason="deadline") == 1
+        assert value(families, "ixyd_metrics_connections") == 1  # this scrape
+    finally:
+        server.close()
+    assert closed_after is not None, "the trickling client was never cut off"
+    assert REQUEST_DEADLINE - 0.5 <= closed_after <= REQUEST_DEADLINE + 5, closed_after
+
+
+# ---------------------------------------------------------------------------- a taken port, by hand
+def test_a_configured_port_another_user_holds_fails_the_daemon_naming_them(run_dir):
+    """Issue 12, A5 by hand: the port is held by user nobody; `ixyd --metrics` on it exits
+    1 at start with the reason and who holds the port, instead of running on."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (binds the port as nobody)")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the squatter: user nobody, listening until the pipe closes
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            squat = socket.socket()
+            squat.bind(("127.0.0.1", 0))
+            squat.listen()
+            os.write(write_end, str(squat.getsockname()[1]).encode())
+            os.close(write_end)
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        port = int(os.read(read_end, 16))
+        done = subprocess.run(
+            [sys.executable, "-m", "ixyd.service", "--demo", "--run-dir", run_dir]
+            + ["--state-dir", run_dir, "--metrics", f"127.0.0.1:{port}"],
+            env={k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+    assert done.returncode == EXIT_FAILED, done.stderr
+    assert (
+        f"cannot serve metrics on 127.0.0.1:{port}: Address already in use (a socket of user "
+        f"nobody (uid {NOBODY}) listens on port {port})"
+    ) in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "instance demo running" not in done.stderr
+
+
+def test_under_the_unit_a_missing_metrics_socket_fails_the_daemon(run_dir):
+    """Under ixyd@.service ($IXYD_METRICS_SOCKET) the port comes from the socket unit
+    only: when it handed nothing over, the daemon does not bind the port itself."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # free again once closed: the daemon could bind it
+    done = subprocess.run(
+        [sys.executable, "-m", "ixyd.service", "--demo", "--run-dir", run_dir]
+        + ["--state-dir", run_dir, "--metrics", f"127.0.0.1:{port}"],
+        env={
+            **{k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"},
+            SOCKET_UNIT_ENV: "ixyd-metrics@demo.socket",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == EXIT_FAILED, done.stderr
+    assert f"ixyd-metrics@demo.socket handed over no socket for 127.0.0.1:{port}" in done.stderr
+    assert "systemctl status ixyd-metrics@demo.socket" in done.stderr
+
+
+# ---------------------------------------------------------------------------- the generator
+def test_the_generator_gives_each_metrics_socket_its_configured_address(tmp_path):
+    configs, out = tmp_path / "etc", tmp_path / "generator"
+    configs.mkdir()
+    port = '[[port]]\naddress = "demo.0"\n'
+    (configs / "a.toml").write_text('metrics = "127.0.0.1:19912"\n' + port)
+    (configs / "b.toml").write_text('metrics = "[::1]:19913"\n' + port)
+    (configs / "c.toml").write_text(port)  # the default
+    (configs / "d.toml").write_text('metrics = "off"\n' + port)
+    (configs / "e.toml").write_text('metrics = "127.0.0.1:0"\n' + port)
+    (configs / "f.toml").write_text("metrics = [\n")  # the daemon refuses it too
+    done = generate(str(out), str(configs))
+    assert done == {
+        "a": "127.0.0.1:19912",
+        "b": "[::1]:19913",
+        "c": "127.0.0.1:19911",
+        "d": "masked: no fixed metrics port",
+        "e": "masked: no fixed metrics port",
+        "f": "masked: configuration refused",
+    }
+    drop_in = (out / "ixyd-metrics@a.socket.d" / "50-listen.conf").read_text()
+    assert drop_in.endswith("[Socket]\nListenStream=\nListenStream=127.0.0.1:19912\n")
+    for masked in "def":
+        assert os.readlink(out / f"ixyd-metrics@{masked}.socket") == "/dev/null"
+    template = (REPO / "systemd" / "ixyd-metrics@.socket").read_text()
+    assert f"\nListenStream={DEFAULT_METRICS_ADDRESS}\n" in template  # the same default

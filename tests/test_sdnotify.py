@@ -9,6 +9,7 @@ under real systemd is in tests/nspawn/.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -240,3 +241,59 @@ def test_status_text_names_link_and_rates():
     assert text == (
         "card.0 link up 10G, rx 1.23 Mpps, tx 999 pps; card.1 link down; card.2 removed"
     )
+
+
+def test_a_failed_watchdog_ping_is_logged_as_an_error_once(tmp_path, caplog):
+    """Issue 12, A1: a WATCHDOG=1 that cannot be sent gets the instance killed, so it is an
+    error in the log (once per kind of message while sending fails), and so is the
+    recovery."""
+    path = str(tmp_path / "notify")
+    notifier = Notifier.from_environment({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "3000000"})
+    with caplog.at_level(logging.INFO, logger="ixyd.sdnotify"):
+        notifier.status("x")  # nobody listens at `path` yet
+        notifier.watchdog()
+        notifier.watchdog()
+        notifier.status("y")
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 2, caplog.text  # once for STATUS, once for WATCHDOG
+        assert errors[0].startswith("sd_notify STATUS failed")
+        assert errors[1].startswith("sd_notify WATCHDOG failed")
+        assert "without WATCHDOG=1 systemd kills the instance" in errors[1]
+        listener = NotifySocket(path)
+        notifier.watchdog()
+        assert listener.read_for(1.0) == [{"WATCHDOG": "1"}]
+        assert "sd_notify works again" in caplog.text
+    listener.sock.close()
+
+
+PING_WITHOUT_DESCRIPTORS = """
+import errno, os, resource, socket, sys
+from ixyd.sdnotify import Notifier
+notifier = Notifier.from_environment()           # at start, while descriptors are free
+in_use = len(os.listdir("/proc/self/fd")) - 1    # (listdir's own descriptor is closed again)
+resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    socket.socket()
+    sys.exit("a descriptor was still free")
+except OSError as exc:
+    assert exc.errno == errno.EMFILE, exc
+notifier.watchdog()
+"""
+
+
+def test_the_watchdog_ping_needs_no_free_descriptor(tmp_path):
+    """Issue 12, A1: with every descriptor in use (what a flood of connections did), the
+    ping still reaches systemd: the notify socket was opened once at start."""
+    listener = NotifySocket(str(tmp_path / "notify"))
+    env = {**os.environ, "NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "3000000"}
+    env.pop("WATCHDOG_PID", None)
+    done = subprocess.run(
+        [sys.executable, "-c", PING_WITHOUT_DESCRIPTORS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert listener.read_for(1.0) == [{"WATCHDOG": "1"}], done.stderr
+    listener.sock.close()

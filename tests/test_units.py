@@ -66,7 +66,14 @@ def analyze(root, *args: str) -> subprocess.CompletedProcess:
             *args,
             f"--root={root}",
             f"{units}/ixyd@.service:ixyd@{INSTANCE}.service",
-            *([f"{units}/ixyd@.socket:ixyd@{INSTANCE}.socket"] if args[0] == "verify" else []),
+            *(
+                [
+                    f"{units}/ixyd@.socket:ixyd@{INSTANCE}.socket",
+                    f"{units}/ixyd-metrics@.socket:ixyd-metrics@{INSTANCE}.socket",
+                ]
+                if args[0] == "verify"
+                else []
+            ),
         ],
         capture_output=True,
         text=True,
@@ -100,6 +107,26 @@ def test_install_writes_the_units_with_the_bin_dir_and_creates_the_accounts(unit
     state = (unit_root / "var/lib/ixyd").stat()
     assert stat.S_IMODE(state.st_mode) == 0o750
     assert (unit_root / "run/ixyd/vfio").is_dir()
+
+
+@needs_root
+def test_install_puts_the_metrics_generator_where_systemd_runs_it(unit_root, tmp_path):
+    """The generator (ixyd/generator.py) is installed executable, runs isolated (-I) with
+    the interpreter the units' root lines use, and writes into the directory systemd
+    gives it."""
+    install(str(unit_root), bin_dir=BIN_DIR, apply=False)
+    generator = unit_root / "etc/systemd/system-generators/ixyd-metrics-generator"
+    assert stat.S_IMODE(generator.stat().st_mode) == 0o755
+    python = generator.read_text().splitlines()[0]
+    assert python == f"#!{PYTHON} -I"  # ixyd-host's interpreter, as in the units
+    done = subprocess.run(  # the stand-in python3 is a shell script: run it with this one
+        [sys.executable, "-I", str(generator), str(tmp_path / "normal"), str(tmp_path / "early"), str(tmp_path / "late")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (unit_root / "etc/systemd/system/ixyd-metrics@.socket").exists()
 
 
 @needs_root

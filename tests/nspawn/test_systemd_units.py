@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from nspawn_harness import INSTANCE, INSTANCE_CONFIG, METRICS, SERVICE, SOCKET
+
+from ixyd.metrics import MAX_CONNECTIONS
 
 pytestmark = pytest.mark.nspawn
 
@@ -117,6 +124,148 @@ def test_metrics_are_scraped_inside_the_container(container):
         if line.startswith("ixyd_") and "card.0" in line and "receive_packets_total" in line
     ]
     assert received, text[:2000]
+
+
+METRICS_SOCKET = f"ixyd-metrics@{INSTANCE}.socket"
+SLOW_CLIENTS = Path(__file__).resolve().parents[1] / "slow_clients.py"
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
+FLOOD = 2000
+FLOOD_SECONDS = 30
+WATCHDOG_SEC = 3  # the test drop-in's WatchdogSec= (nspawn_harness.TEST_DROP_IN)
+
+
+def open_fds(container, pid: str) -> int:
+    return int(container.run(["sh", "-c", f"ls /proc/{pid}/fd | wc -l"]).stdout)
+
+
+def test_the_metrics_port_is_bound_by_its_socket_unit(container):
+    """Issue 12, A5: systemd binds the metrics port (ixyd-metrics@.socket, its address
+    generated from /etc/ixyd/<instance>.toml) and hands it to the daemon; user nobody
+    cannot bind it while the instance runs."""
+    assert "installed /etc/systemd/system-generators/ixyd-metrics-generator" in (
+        container.install.stdout
+    )
+    unit = container.run(["systemctl", "cat", METRICS_SOCKET]).stdout
+    assert f"/run/systemd/generator/{METRICS_SOCKET}.d/50-listen.conf" in unit
+    assert unit.rstrip().endswith(f"ListenStream={METRICS}"), unit
+    container.run(["systemctl", "start", SERVICE], timeout=60)
+    assert active(container, METRICS_SOCKET)
+    pid = container.show(SERVICE, "MainPID")["MainPID"]
+    listening = container.run(["ss", "-Hltnp", f"sport = :{METRICS.rsplit(':', 1)[1]}"]).stdout
+    assert '("systemd",pid=1,' in listening and f"pid={pid}," in listening, listening
+    host, port = METRICS.rsplit(":", 1)
+    squat = (  # SO_REUSEADDR: only a listening socket on the port, not TIME_WAIT, stops it
+        "import socket; s = socket.socket()\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"s.bind(({host!r}, {port}))\n"
+    )
+    refused = container.run([*AS_NOBODY, "python3", "-c", squat], check=False)
+    assert refused.returncode == 1 and "Address already in use" in refused.stderr, refused
+    # a restart keeps systemd's listening socket: the port is never free in between
+    inode = re.search(r"ino:(\d+)", container.run(["ss", "-Hltne", f"sport = :{port}"]).stdout)
+    container.run(["systemctl", "restart", SERVICE], timeout=60)
+    again = re.search(r"ino:(\d+)", container.run(["ss", "-Hltne", f"sport = :{port}"]).stdout)
+    assert inode and again and inode.group(1) == again.group(1), (inode, again)
+    assert container.show(SERVICE, "MainPID")["MainPID"] != pid
+
+
+def test_a_port_squatted_before_the_start_fails_the_instance_loudly(container):
+    """Issue 12, A5: a user who binds the metrics port before the instance starts does
+    not get scraped as a running instance: the socket unit fails to bind, the daemon
+    refuses to run without it (and says why), and once the port is free again the next
+    automatic restart serves it."""
+    container.run(["systemctl", "stop", SERVICE], timeout=60)
+    assert not active(container, METRICS_SOCKET)  # StopPropagatedFrom=: stopped with it
+    host, port = METRICS.rsplit(":", 1)
+    fake = (
+        "import socket, time\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"s.bind(({host!r}, {port})); s.listen()\n"
+        "import os; print(os.getpid(), flush=True); time.sleep(120)\n"
+    )
+    squatter = subprocess.Popen(
+        ["nsenter", f"--target={container.leader}", "--all", *AS_NOBODY, "python3", "-c", fake],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    squatter_pid = squatter.stdout.readline().strip()  # in the container's pid space
+    try:
+        assert squatter_pid.isdigit(), squatter.communicate(timeout=10)
+        started = container.run(["systemctl", "start", SERVICE], check=False, timeout=90)
+        assert started.returncode != 0
+        journal = container.wait_for(
+            lambda: (j := journal_of(container, SERVICE)) and "handed over no socket" in j and j,
+            "the daemon's refusal",
+        )
+        assert f"{METRICS_SOCKET} handed over no socket for {METRICS}" in journal
+        socket_journal = journal_of(container, METRICS_SOCKET)
+        assert "Address already in use" in socket_journal, socket_journal
+    finally:
+        # nsenter forked (it entered a pid namespace): the squatter is its child
+        container.run(["kill", "-KILL", squatter_pid], check=False)
+        squatter.wait(30)
+    # the port is free again: a restart (Restart=on-failure) starts the socket and serves it
+    container.wait_for(lambda: active(container, SERVICE), "the instance back", timeout=60)
+    assert active(container, METRICS_SOCKET)
+
+
+def test_slow_clients_of_another_user_leave_control_and_watchdog_alone(container):
+    """Issue 12, A1, under the unit's own limits: 2,000 slow connections from user nobody
+    to the metrics port; the instance is not restarted, systemd keeps receiving
+    WATCHDOG=1 (WatchdogTimestamp moves on), `ixyd-ctl status` answers and the daemon's
+    descriptors stay bounded."""
+    container.run(["systemctl", "start", SERVICE], timeout=60)
+    before = container.show(SERVICE, "MainPID", "NRestarts")
+    pid = before["MainPID"]
+    limits = container.run(["cat", f"/proc/{pid}/limits"]).stdout
+    # LimitNOFILE=65536, clamped to the build machine's hard limit (20000 here) in nspawn
+    soft, hard = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits).groups()
+    assert int(soft) == int(hard) > 1024, limits
+    # /var/tmp: the container's /tmp is a tmpfs mounted over the overlay at boot
+    script = container.root / "var/tmp" / "slow_clients.py"
+    shutil.copy(SLOW_CLIENTS, script)
+    script.chmod(0o644)
+    fds_before = open_fds(container, pid)
+    port = METRICS.rsplit(":", 1)[1]
+    result = {}
+
+    def attack() -> None:
+        command = [*AS_NOBODY, "python3", "/var/tmp/slow_clients.py", port, str(FLOOD)]
+        try:
+            result["done"] = container.run(
+                [*command, str(FLOOD_SECONDS)], timeout=FLOOD_SECONDS + 60
+            )
+        except Exception as exc:  # reported by the test, not lost in the thread
+            result["error"] = exc
+
+    attacker = threading.Thread(target=attack)
+    attacker.start()
+    fds, status_ok, ping_ages = [], 0, []
+    while attacker.is_alive():
+        fds.append(open_fds(container, pid))
+        status = json.loads(ctl(container, "--json", "status").stdout)
+        status_ok += status["state"] == "running"
+        # systemd's time of the last WATCHDOG=1, on the same CLOCK_MONOTONIC as ours
+        stamp = container.show(SERVICE, "WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"]
+        ping_ages.append(time.monotonic() - int(stamp) / 1e6)
+    attacker.join()
+    assert "error" not in result, result["error"]
+    flood = json.loads(result["done"].stdout)
+    after = container.show(SERVICE, "MainPID", "NRestarts", "ActiveState")
+    print(
+        f"under systemd: flood {flood}; fds {fds_before} before, max {max(fds)} during; "
+        f"{status_ok}/{len(fds)} status answers; last ping at most {max(ping_ages):.2f} s old"
+    )
+    assert after == {**before, "ActiveState": "active"}, (before, after)  # never restarted
+    assert max(fds) <= fds_before + MAX_CONNECTIONS + 2, (fds_before, fds)
+    assert status_ok == len(fds) >= 5
+    assert max(ping_ages) < WATCHDOG_SEC, ping_ages  # pings keep coming, about every 1 s
+    assert flood["most_open"] >= FLOOD and flood["closed_by_server"] > 0, flood
+    journal = container.run(
+        ["journalctl", "-u", SERVICE, "--no-pager", "-o", "cat", f"_PID={pid}"]
+    ).stdout
+    assert "sd_notify" not in journal, journal
 
 
 def test_a_hung_worker_is_killed_by_the_watchdog_and_restarted(container):
