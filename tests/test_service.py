@@ -169,7 +169,9 @@ def test_corrupt_state_file_is_set_aside(tmp_path):
 @pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
 )
-def test_tap_mode_hands_frames_to_the_kernel_and_goes_away(tmp_path):
+def test_tap_mode_hands_frames_to_the_kernel_and_its_tap_lives_as_long_as_the_instance(
+    tmp_path,
+):
     d = Daemon(tmp_path, "--demo-rate", "2000")
     ifname = f"ixyt{os.getpid() % 10000}"
     try:
@@ -177,9 +179,12 @@ def test_tap_mode_hands_frames_to_the_kernel_and_goes_away(tmp_path):
         time.sleep(0.5)
         rx = int(Path(f"/sys/class/net/{ifname}/statistics/rx_packets").read_text())
         assert rx > 0, "no frame reached the kernel"
+        index = Path(f"/sys/class/net/{ifname}/ifindex").read_text()
         d.ctl("set-forward", "demo.0", "port", "demo.1")
-        assert not Path(f"/sys/class/net/{ifname}").exists()
+        # out of tap mode the TAP stays, the same interface: its kernel peers keep it
+        assert Path(f"/sys/class/net/{ifname}/ifindex").read_text() == index
         d.ctl("set-forward", "demo.0", "tap", ifname)
+        assert Path(f"/sys/class/net/{ifname}/ifindex").read_text() == index
     finally:
         code, out, _ = d.terminate()
     assert code == 0, out

@@ -11,15 +11,19 @@ both directions. Needs root and /dev/net/tun; each test makes its own namespaces
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import subprocess
 import sys
+import textwrap
 import time
+import urllib.request
 import uuid
 
 import pytest
 from hosttools import network_namespaces, python_in, run_in, wait_until
+from test_service_e2e import CABLED_CONFIG, PING, Daemon, assert_clean_exit
 
 from ixyd.drivers.config import PortConfig
 from ixyd.drivers.ixgbe import IxgbePort
@@ -229,7 +233,7 @@ def test_arp_and_udp_cross_the_datapath_both_ways(path):
     assert s2["from_kernel"] >= 21 and s1["to_kernel"] >= 21
     assert s1["padded"] >= 1 and s2["padded"] >= 1  # 42-byte ARP frames, padded to 60
     for s in (s1, s2):
-        assert s["drop_tap_full"] == s["drop_tap_error"] == s["drop_oversize"] == 0, s
+        assert s["drop_write_full"] == s["drop_write_error"] == s["drop_oversize"] == 0, s
     for rxq in path.rx:
         qs = path.worker.queue_stats(rxq)
         assert qs["drop_exception_full"] == qs["drop_from_host"] == 0, qs
@@ -294,3 +298,94 @@ def test_frames_the_buffers_cannot_hold_are_dropped_and_counted(path):
     wait_until(lambda: bridge.stats["drop_oversize"] == 1, what="the oversize drop")
     wait_until(lambda: path.bridges[1].stats["to_kernel"] >= 1, what="the 1000-byte datagram")
     assert bridge.stats["from_kernel"] >= 1 and bridge.error is None
+
+
+# --------------------------------------------------------------------------- the daemon
+# The same path run by a real ixyd (tests/test_service_e2e.py's Daemon) on two model ports
+# joined by a cable, steered with ixyd-ctl: what an administrator sees.
+
+
+def daemon_with_cabled_ports(run_dir: str, daemons: list, metrics_port: int) -> Daemon:
+    """A real ixyd on two cabled model ports (both in drop mode), its metrics on
+    `metrics_port` (this clone's range)."""
+    instance = f"ixt-tap-{uuid.uuid4().hex[:6]}"
+    config = os.path.join(run_dir, f"{instance}.toml")
+    with open(config, "w") as f:
+        f.write(f'metrics = "127.0.0.1:{metrics_port}"\n')
+        f.write(CABLED_CONFIG.format(instance=instance, state_dir=run_dir))
+    d = Daemon(run_dir, [instance, "--config", config], instance)
+    daemons.append(d)
+    return d
+
+
+def ping(netns: str, target: str, count: int) -> tuple[int, float]:
+    """ICMP echo from `netns` (test_service_e2e's raw-socket pinger, 2 s per request):
+    how many were answered, and the seconds it took."""
+    started = time.monotonic()
+    done = run_in(
+        netns,
+        sys.executable,
+        "-c",
+        textwrap.dedent(PING),
+        target,
+        str(count),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return int(done.stdout), time.monotonic() - started
+
+
+def link_of(netns: str, ifname: str) -> dict:
+    shown = run_in(netns, "ip", "-j", "addr", "show", ifname, capture_output=True, text=True)
+    link = json.loads(shown.stdout)[0]
+    return {
+        "index": link["ifindex"],
+        "mtu": link["mtu"],
+        "addresses": sorted(f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"]),
+    }
+
+
+def test_tap_survives_mode_switches_with_its_namespace_addresses_and_mtu(
+    run_dir, daemons, namespaces
+):
+    """Issue 12 D15. demo.0's TAP is placed by ixyd itself (--netns, --address, --mtu);
+    demo.1's the way an administrator did it before (created by ixyd, then moved and
+    addressed by hand). Ping crosses both; each port switches out of tap mode and back;
+    ping again at once: every echo answered, both TAPs the same interfaces as before, in
+    their namespaces with their addresses and MTU."""
+    ns_a, ns_b = namespaces
+    d = daemon_with_cabled_ports(run_dir, daemons, 21401)
+    tap_a, tap_b = f"ixt-tap-a{uuid.uuid4().hex[:4]}", f"ixt-tap-b{uuid.uuid4().hex[:4]}"
+    ip_a, ip_b = "10.218.0.1", "10.218.0.2"
+    placed = ["--netns", ns_a, "--address", f"{ip_a}/24", "--mtu", "1400"]
+    answer = d.json("--timeout", "30", "set-forward", "demo.0", "tap", tap_a, *placed)
+    assert answer["forward"] == {
+        "mode": "tap",
+        "ifname": tap_a,
+        "netns": ns_a,
+        "addresses": [f"{ip_a}/24"],
+        "mtu": 1400,
+    }
+    d.ctl("--timeout", "30", "set-forward", "demo.1", "tap", tap_b)
+    subprocess.run(["ip", "link", "set", tap_b, "netns", ns_b], check=True)
+    run_in(ns_b, "ip", "addr", "add", f"{ip_b}/24", "dev", tap_b)
+    run_in(ns_b, "ip", "link", "set", tap_b, "mtu", "1400", "up")
+    before = {ns_a: link_of(ns_a, tap_a), ns_b: link_of(ns_b, tap_b)}
+    assert before[ns_a]["mtu"] == 1400 and before[ns_a]["addresses"] == [f"{ip_a}/24"]
+    assert ping(ns_a, ip_b, 5)[0] == 5
+
+    d.ctl("set-forward", "demo.0", "reflect")
+    d.ctl("set-forward", "demo.1", "drop")
+    assert link_of(ns_a, tap_a) == before[ns_a] and link_of(ns_b, tap_b) == before[ns_b]
+    d.ctl("--timeout", "30", "set-forward", "demo.0", "tap", tap_a, *placed)  # as before
+    d.ctl("--timeout", "30", "set-forward", "demo.1", "tap", tap_b)  # as the admin left it
+    answered, seconds = ping(ns_a, ip_b, 5)
+    assert answered == 5, f"{answered} of 5 echo requests answered right after the switch"
+    print(f"5 of 5 echo requests answered in {seconds:.2f} s right after switching back")
+    assert link_of(ns_a, tap_a) == before[ns_a] and link_of(ns_b, tap_b) == before[ns_b]
+
+    assert_clean_exit(d)
+    for ns, ifname in ((ns_a, tap_a), (ns_b, tap_b)):
+        gone = subprocess.run(["ip", "-n", ns, "link", "show", ifname], capture_output=True)
+        assert gone.returncode != 0, f"TAP {ifname} outlived the daemon"
