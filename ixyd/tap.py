@@ -57,7 +57,6 @@ from collections.abc import Sequence
 
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netns import create_socket
 
 from .drivers.rings import PKT_DATA_SIZE
 from .errors import ConfigError, IxydError
@@ -87,15 +86,19 @@ BRIDGE_STATS_FIELDS = (
     "drop_stopped",
 )
 # Reading an interface's counters over rtnetlink (<linux/rtnetlink.h>, <linux/netlink.h>,
-# <linux/if_link.h>): an RTM_GETLINK request for one ifindex, answered by RTM_NEWLINK whose
-# IFLA_STATS64 attribute is struct rtnl_link_stats64 (u64 rx_packets, tx_packets, rx_bytes,
-# tx_bytes, rx_errors, tx_errors, rx_dropped, tx_dropped, ...).
-RTM_NEWLINK, RTM_GETLINK = 16, 18
+# <linux/if_link.h>, <linux/net_namespace.h>): an RTM_GETLINK request by name, in the
+# namespace IFLA_TARGET_NETNSID names, answered by RTM_NEWLINK whose IFLA_STATS64 attribute
+# is struct rtnl_link_stats64 (u64 rx_packets, tx_packets, rx_bytes, tx_bytes, rx_errors,
+# tx_errors, rx_dropped, tx_dropped, ...). <linux/if_tun.h>: TUNGETDEVNETNS.
+TUNGETDEVNETNS = 0x54E3  # _IO('T', 227): an fd of the namespace the TAP is in now
+RTM_NEWLINK, RTM_GETLINK, RTM_NEWNSID, RTM_GETNSID = 16, 18, 88, 90
 NLMSG_ERROR = 2
-NLM_F_REQUEST = 1
-IFLA_STATS64 = 23
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+IFLA_IFNAME, IFLA_STATS64, IFLA_TARGET_NETNSID = 3, 23, 46
+NETNSA_NSID, NETNSA_FD = 1, 3
 NLMSG_HEADER = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 IFINFOMSG = struct.Struct("=BxHiII")  # family, (pad), type, index, flags, change
+RTGENMSG = struct.Struct("=Bxxx")  # family, padded to the 4-byte netlink alignment
 RTATTR = struct.Struct("=HH")  # len, type; attributes are 4-byte aligned
 STATS64_TX_DROPPED = 7  # the 8th u64 of rtnl_link_stats64
 NETLINK_REPLY_BYTES = 65536
@@ -134,11 +137,10 @@ class TapInterface:
     def __init__(self, name: str, fd: int, netns: str | None):
         self.name, self.fd, self.netns = name, fd, netns
         self.closed = False
-        # kernel_drops: a netlink socket in the interface's namespace, opened on first use
+        # kernel_drops: a netlink socket (in our namespace), opened on first use
         self._stats_socket: socket.socket | None = None
         self._stats_lock = threading.Lock()  # the control thread and a scrape may both ask
         self._stats_seq = 0
-        self._stats_index = 0  # the interface's index where _stats_socket lives
         self._last_kernel_drops = 0
 
     @classmethod
@@ -210,8 +212,6 @@ class TapInterface:
                 with _netlink(self.netns) as nl:  # moving drops its addresses: first
                     nl.link("set", index=self.index, net_ns_fd=netns)
                 self.netns = netns
-                with self._stats_lock:
-                    self._close_stats_socket()
             with _netlink(self.netns) as nl:
                 index = self.index
                 if mtu is not None:
@@ -229,7 +229,6 @@ class TapInterface:
                         )
                 if up:
                     nl.link("set", index=index, state="up")
-            self._open_stats_socket(index)
         except NetlinkError as exc:
             raise TapError(f"cannot configure TAP interface {self.name!r}: {exc}") from exc
 
@@ -256,16 +255,26 @@ class TapInterface:
 
     def kernel_drops(self) -> int:
         """Frames the kernel sent towards this interface and dropped because its queue was
-        full (the interface's `tx_dropped`: nobody read them in time). Read over a netlink
-        socket `configure` opened in the interface's namespace (no thread or event loop of
-        pyroute2's: any thread may call this); when that fails (the interface was moved or
-        removed by someone else, or closed) the last value read."""
+        full (the interface's `tx_dropped`: nobody read them in time).
+
+        Found wherever the interface is now, also after someone moved it into another
+        namespace by hand: TUNGETDEVNETNS on our fd names its namespace, RTM_GETNSID gives
+        that namespace's id as seen from ours, and RTM_GETLINK with IFLA_TARGET_NETNSID
+        reads its counters from here (Linux 5.2; CAP_NET_ADMIN, no setns, no pyroute2
+        event loop: any thread may call this). When that fails (closed, removed, renamed)
+        the last value read."""
         with self._stats_lock:
-            if self._stats_socket is None:  # closed, or moved by someone else
+            if self.closed:
                 return self._last_kernel_drops
             try:
+                if self._stats_socket is None:
+                    self._stats_socket = socket.socket(
+                        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                        socket.NETLINK_ROUTE,
+                    )
+                    self._stats_socket.settimeout(NETLINK_READ_TIMEOUT)
                 stats = self._read_stats64()
-            except (OSError, TapError, NetlinkError) as exc:
+            except OSError as exc:
                 log.debug("TAP %s: cannot read its kernel counters: %s", self.name, exc)
                 self._close_stats_socket()
                 return self._last_kernel_drops
@@ -273,42 +282,53 @@ class TapInterface:
             return self._last_kernel_drops
 
     def _read_stats64(self) -> tuple[int, ...]:
-        sock = self._stats_socket
-        self._stats_seq += 1
-        request = IFINFOMSG.pack(socket.AF_UNSPEC, 0, self._stats_index, 0, 0)
-        header = NLMSG_HEADER.pack(
-            NLMSG_HEADER.size + len(request), RTM_GETLINK, NLM_F_REQUEST, self._stats_seq, 0
-        )
-        sock.send(header + request)
-        while True:  # skip answers to requests that timed out before
-            reply = sock.recv(NETLINK_REPLY_BYTES)
-            length, kind, _, seq, _ = NLMSG_HEADER.unpack_from(reply)
-            if seq == self._stats_seq:
-                break
-        if kind == NLMSG_ERROR:
-            code = struct.unpack_from("=i", reply, NLMSG_HEADER.size)[0]
-            raise OSError(-code, os.strerror(-code))
+        attrs = _rtattr(IFLA_IFNAME, self.name.encode() + b"\0")
+        netns_fd = fcntl.ioctl(self.fd, TUNGETDEVNETNS)
+        try:
+            if os.fstat(netns_fd).st_ino != os.stat("/proc/self/ns/net").st_ino:
+                attrs += _rtattr(IFLA_TARGET_NETNSID, struct.pack("=i", self._netns_id(netns_fd)))
+        finally:
+            os.close(netns_fd)
+        kind, reply = self._ask(RTM_GETLINK, IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attrs)
         if kind != RTM_NEWLINK:
             raise OSError(errno.EPROTO, f"unexpected netlink message type {kind}")
-        offset = NLMSG_HEADER.size + IFINFOMSG.size
-        while offset + RTATTR.size <= length:
-            size, attr = RTATTR.unpack_from(reply, offset)
-            if size < RTATTR.size:
-                break
-            if attr == IFLA_STATS64:
-                count = (size - RTATTR.size) // 8
-                return struct.unpack_from(f"={count}Q", reply, offset + RTATTR.size)
-            offset += (size + 3) & ~3
-        raise OSError(errno.EPROTO, "the kernel sent no IFLA_STATS64")
+        stats = _find_rtattr(reply, IFINFOMSG.size, IFLA_STATS64)
+        if stats is None:
+            raise OSError(errno.EPROTO, "the kernel sent no IFLA_STATS64")
+        return struct.unpack_from(f"={len(stats) // 8}Q", stats)
 
-    def _open_stats_socket(self, index: int) -> None:
-        with self._stats_lock:
-            if self._stats_socket is None and not self.closed:
-                self._stats_socket = create_socket(
-                    self.netns, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE
-                )
-                self._stats_socket.settimeout(NETLINK_READ_TIMEOUT)
-            self._stats_index = index
+    def _netns_id(self, netns_fd: int) -> int:
+        """The id our namespace knows namespace `netns_fd` by, assigning one if it has none
+        (what `ip netns set` does; needs CAP_NET_ADMIN)."""
+        fd_attr = _rtattr(NETNSA_FD, struct.pack("=I", netns_fd))
+        for attempt in range(2):
+            _, reply = self._ask(RTM_GETNSID, RTGENMSG.pack(socket.AF_UNSPEC) + fd_attr)
+            found = _find_rtattr(reply, RTGENMSG.size, NETNSA_NSID)
+            if found is not None and struct.unpack("=i", found[:4])[0] >= 0:
+                return struct.unpack("=i", found[:4])[0]
+            if attempt == 0:  # not assigned yet: let the kernel pick one
+                nsid = _rtattr(NETNSA_NSID, struct.pack("=i", -1))
+                self._ask(RTM_NEWNSID, RTGENMSG.pack(socket.AF_UNSPEC) + fd_attr + nsid, ack=True)
+        raise OSError(errno.ENOENT, "the TAP's network namespace has no id here")
+
+    def _ask(self, kind: int, payload: bytes, ack: bool = False) -> tuple[int, bytes]:
+        """Send one rtnetlink request; (type, payload) of its answer. OSError for an error
+        answer (an ack is the answer, error 0, when `ack`)."""
+        self._stats_seq += 1
+        flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+        header = NLMSG_HEADER.pack(NLMSG_HEADER.size + len(payload), kind, flags, self._stats_seq, 0)
+        self._stats_socket.send(header + payload)
+        while True:  # skip answers to requests that timed out before
+            reply = self._stats_socket.recv(NETLINK_REPLY_BYTES)
+            length, got, _, seq, _ = NLMSG_HEADER.unpack_from(reply)
+            if seq == self._stats_seq:
+                break
+        body = reply[NLMSG_HEADER.size : length]
+        if got == NLMSG_ERROR:
+            code = struct.unpack_from("=i", body)[0]
+            if code:
+                raise OSError(-code, os.strerror(-code))
+        return got, body
 
     def _close_stats_socket(self) -> None:
         if self._stats_socket is not None:
@@ -336,6 +356,23 @@ class TapInterface:
     def __repr__(self) -> str:
         where = f" in {self.netns}" if self.netns else ""
         return f"<TapInterface {self.name}{where} fd={self.fd}>"
+
+
+def _rtattr(kind: int, value: bytes) -> bytes:
+    attr = RTATTR.pack(RTATTR.size + len(value), kind) + value
+    return attr + bytes(-len(attr) % 4)
+
+
+def _find_rtattr(body: bytes, offset: int, kind: int) -> bytes | None:
+    """The value of attribute `kind` among those from `offset` of a message body."""
+    while offset + RTATTR.size <= len(body):
+        size, found = RTATTR.unpack_from(body, offset)
+        if size < RTATTR.size:
+            return None
+        if found == kind:
+            return body[offset + RTATTR.size : offset + size]
+        offset += (size + 3) & ~3
+    return None
 
 
 def _check_mtu(mtu: int | None) -> None:

@@ -200,6 +200,31 @@ def test_tap_interface_is_configured_in_its_namespace_and_removed_on_close(names
     tap.close()  # twice is fine
 
 
+def test_kernel_drops_are_read_wherever_the_tap_was_moved(namespaces):
+    """The kernel's drops at a TAP's full queue are found also after an administrator
+    moved the TAP into a namespace by hand (ixyd never entered it)."""
+    tap = TapInterface.create(tap_name())
+    try:
+        subprocess.run(["ip", "link", "set", tap.name, "netns", namespaces[0]], check=True)
+        run_in(namespaces[0], "ip", "link", "set", tap.name, "txqueuelen", "4", "up")
+        flood = run_in(
+            namespaces[0],
+            sys.executable,
+            "-c",
+            textwrap.dedent(FLOOD),
+            tap.name,
+            "50",
+            capture_output=True,
+            text=True,
+        )
+        sent, refused = (int(n) for n in flood.stdout.split())
+        assert (sent, refused) == (50, 46)  # nobody reads: 4 fit the queue
+        assert tap.kernel_drops() == refused
+    finally:
+        tap.close()
+    assert tap.kernel_drops() == refused  # the last value, once closed
+
+
 def test_tap_interface_rejects_bad_requests_clearly(namespaces):
     bad = [
         (dict(name="x" * 16), ConfigError, "at most 15"),
