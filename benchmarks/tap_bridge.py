@@ -134,10 +134,8 @@ def bench_bridge(n: int, seconds: float, senders: int) -> dict:
     netns = f"ixt-tap-bench-{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     for scope in ("all", "default"):  # no IPv6 chatter from the kernel on the TAP
-        subprocess.run(
-            ["ip", "netns", "exec", netns, "sysctl", "-qw", f"net.ipv6.conf.{scope}.disable_ipv6=1"],
-            check=True,
-        )
+        sysctl = f"net.ipv6.conf.{scope}.disable_ipv6=1"
+        subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw", sysctl], check=True)
     nic = ModelNic(2, mode="thread", reset_delay=0.0005, eeprom_delay=0.0005, link_delay=0.002)
     procs: list[subprocess.Popen] = []
     try:

@@ -412,6 +412,13 @@ class Instance:
 
         settings = dict(netns=forward.netns, mtu=forward.mtu, addresses=forward.addresses)
         tap = port.taps.get(forward.ifname)
+        if tap is not None and not tap.attached:  # someone deleted it: make it anew
+            log.warning("%s: TAP interface %s was deleted; creating it again", port.name, tap.name)
+            if port.tap is not None and port.tap[0] is tap:
+                self._close_tap(port)
+            del port.taps[tap.name]
+            self._off_loop(tap.close)
+            tap = None
         try:
             if tap is None:
                 tap = self._off_loop(

@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 TUN_DEVICE = "/dev/net/tun"
 # <linux/if_tun.h>
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
+TUNGETIFF = 0x800454D2  # _IOR('T', 210, unsigned int): fails once the interface is gone
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000  # no 4-byte packet-information header: the fd carries bare frames
 IFNAMSIZ = 16  # <linux/if.h>: 15 characters and the NUL
@@ -247,6 +248,18 @@ class TapInterface:
         return found[0]
 
     @property
+    def attached(self) -> bool:
+        """Whether our fd still carries the interface (False once someone deleted it, e.g.
+        `ip link del`, wherever it was, or once closed); no netlink, any thread."""
+        if self.closed:
+            return False
+        try:
+            fcntl.ioctl(self.fd, TUNGETIFF, bytes(IFNAMSIZ + 2))
+        except OSError:
+            return False
+        return True
+
+    @property
     def exists(self) -> bool:
         """Whether the interface is still there (False once closed or its netns removed)."""
         if self.netns is not None and not os.path.exists(f"/var/run/netns/{self.netns}"):
@@ -316,7 +329,8 @@ class TapInterface:
         answer (an ack is the answer, error 0, when `ack`)."""
         self._stats_seq += 1
         flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
-        header = NLMSG_HEADER.pack(NLMSG_HEADER.size + len(payload), kind, flags, self._stats_seq, 0)
+        size = NLMSG_HEADER.size + len(payload)
+        header = NLMSG_HEADER.pack(size, kind, flags, self._stats_seq, 0)
         self._stats_socket.send(header + payload)
         while True:  # skip answers to requests that timed out before
             reply = self._stats_socket.recv(NETLINK_REPLY_BYTES)

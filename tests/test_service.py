@@ -187,6 +187,10 @@ def test_tap_mode_hands_frames_to_the_kernel_and_its_tap_lives_as_long_as_the_in
         assert Path(f"/sys/class/net/{ifname}/ifindex").read_text() == index
         d.ctl("set-forward", "demo.0", "tap", ifname)
         assert Path(f"/sys/class/net/{ifname}/ifindex").read_text() == index
+        subprocess.run(["ip", "link", "del", ifname], check=True)  # someone deletes it
+        d.ctl("set-forward", "demo.0", "port", "demo.1")
+        d.ctl("set-forward", "demo.0", "tap", ifname)
+        assert Path(f"/sys/class/net/{ifname}").exists()  # made anew
     finally:
         code, out, _ = d.terminate()
     assert code == 0, out
