@@ -325,6 +325,26 @@ def test_frames_the_buffers_cannot_hold_are_dropped_and_counted(path):
     assert bridge.stats["from_kernel"] >= 1 and bridge.error is None
 
 
+def test_frames_a_down_tap_refuses_are_counted_and_their_buffers_come_home(path):
+    tap1, tap2 = path.taps
+    run_in(path.ns1, "ip", "neigh", "replace", IP2, "lladdr", MAC2, "dev", tap1.name)
+    run_in(path.ns2, "ip", "link", "set", tap2.name, "down")  # tun refuses writes: EIO
+    send = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"for _ in range(5): s.sendto(b'x', ({IP2!r}, 9))"
+    )
+    run_in(path.ns1, sys.executable, "-c", send)
+    bridge = path.bridges[1]
+    wait_until(lambda: bridge.stats["drop_write_error"] >= 5, what="the refused writes")
+    assert bridge.stats["to_kernel"] == 0 and bridge.error is None, bridge.stats
+    for b in path.bridges:
+        b.stop()
+        assert b.held == 0 and b.error is None
+    path.close()
+    for rxq in path.rx:
+        assert rxq.pool.free_count == rxq.pool.count  # nothing leaked
+
+
 # --------------------------------------------------------------------------- the daemon
 # The same path run by a real ixyd (tests/test_service_e2e.py's Daemon) on two model ports
 # joined by a cable, steered with ixyd-ctl: what an administrator sees.
