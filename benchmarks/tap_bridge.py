@@ -14,7 +14,8 @@ Two model ports joined by a cable (thread mode). Figures, each the median (min..
      straight to the driver, `--senders` processes), and of those
   3. bridge: frames/s the TapBridge reads from the TAP and the worker sends out of A
      (tap mode), the bridge thread's CPU share and its frames per CPU-second (what it
-     would carry on a core of its own: the figure that does not depend on the load), and
+     would carry on a core of its own: the figure that does not depend on the load) and
+     the part of its CPU time spent in the kernel (its read/write/poll syscalls), and
   4. kernel queue drops: frames/s the kernel dropped at the TAP's full queue (its
      tx_dropped): the part of the offer the bridge did not take.
 Then the accounting check of the whole run: sent = sent out of A + every drop reason.
@@ -67,11 +68,14 @@ SENDER = """
 """
 
 
-def thread_cpu_seconds(tid: int) -> float:
-    """CPU time (user + system) thread `tid` of this process has used (proc(5) stat)."""
-    with open(f"/proc/self/task/{tid}/stat") as f:
+def thread_cpu_seconds(thread) -> tuple[float, float]:
+    """CPU time `thread` of this process has used in all, from its CPU-time clock
+    (nanoseconds: a thread at a few % of a CPU runs only a few of proc's 10 ms ticks per
+    window), and the system part of it (proc(5) stat: stime, in ticks)."""
+    total = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total, int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def median_row(name: str, rates: list[float], unit: str = "kframes/s") -> str:
@@ -168,12 +172,12 @@ def bench_bridge(n: int, seconds: float, senders: int) -> dict:
             p.stdin.flush()
         time.sleep(seconds)  # warm up
 
-        def counters() -> tuple[float, float, float, float]:
+        def counters() -> tuple[float, ...]:
             return (
                 bridge.stats["from_kernel"],
                 worker.queue_stats(rxq)["from_host"],
                 tap.kernel_drops(),
-                thread_cpu_seconds(bridge._thread.native_id),
+                *thread_cpu_seconds(bridge._thread),
             )
 
         samples = []
@@ -211,6 +215,7 @@ def bench_bridge(n: int, seconds: float, senders: int) -> dict:
             "sent_out": [x[1] for x in samples],
             "kernel_drops": [x[2] for x in samples],
             "bridge_cpu": [x[3] for x in samples],  # CPU-seconds per second
+            "bridge_system": [x[4] / x[3] for x in samples if x[3] > 0],  # in the kernel
             "per_cpu_second": [x[0] / x[3] for x in samples if x[3] > 0],
             "offered": [x[0] + x[2] for x in samples],
             "sent": sent,
@@ -246,6 +251,8 @@ def main() -> None:
     share = statistics.median(bridge["bridge_cpu"])
     print(f"  {'   bridge thread: CPU share':<44} {share:9.2f}  (of one CPU)")
     print(median_row("   bridge: frames per CPU-second it ran", bridge["per_cpu_second"]))
+    system = statistics.median(bridge["bridge_system"])
+    print(f"  {'   of its CPU time, in the kernel (syscalls)':<44} {system:9.2f}")
     ratio = statistics.median(bridge["bridge"]) / statistics.median(worker)
     per_cpu = statistics.median(bridge["per_cpu_second"]) / statistics.median(worker)
     print(
