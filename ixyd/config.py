@@ -40,7 +40,7 @@ _FORWARD_KEYS = {  # set_forward's parameters per mode (docs/control.md)
     "port": {"to"},
     "reflect": {"swap_mac"},
     "drop": set(),
-    "tap": {"ifname"},
+    "tap": {"ifname", "netns", "addresses", "mtu"},
     "generate": {"size", "rate", "count"},
 }
 
@@ -53,6 +53,9 @@ class Forward:
     to: str | None = None  # mode port
     swap_mac: bool = False  # mode reflect
     ifname: str | None = None  # mode tap
+    netns: str | None = None  # mode tap: the network namespace to move the TAP into
+    addresses: tuple[str, ...] = ()  # mode tap: addresses to give it ("10.0.0.1/24")
+    mtu: int | None = None  # mode tap: its MTU (None: the kernel's default, 1500)
     size: int = MIN_FRAME  # mode generate: bytes without the FCS
     rate: int = 0  # mode generate: frames/s, 0 = as fast as possible
     count: int = 0  # mode generate: frames, 0 = no end
@@ -85,6 +88,30 @@ class Forward:
                 raise ConfigError(
                     f"{where}: mode tap needs ifname = <interface name of 1..{MAX_IFNAME} bytes>"
                 )
+            netns = args.get("netns")
+            if netns is not None and (
+                not isinstance(netns, str) or not netns or "/" in netns or netns in (".", "..")
+            ):
+                raise ConfigError(
+                    f"{where}.netns must be the name of a network namespace (ip netns list), "
+                    f"got {netns!r}"
+                )
+            addresses = args.get("addresses", [])
+            if not isinstance(addresses, list | tuple):
+                raise ConfigError(f"{where}.addresses must be a list, got {addresses!r}")
+            try:
+                args["addresses"] = tuple(
+                    str(ipaddress.ip_interface(a if isinstance(a, str) else None))
+                    for a in addresses
+                )
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"{where}.addresses must be addresses with prefix lengths "
+                    f'("10.0.0.1/24", "fd00::1/64"), got {addresses!r}'
+                ) from None
+            mtu = args.get("mtu")
+            if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int)):
+                raise ConfigError(f"{where}.mtu must be an integer, got {mtu!r}")
         if "swap_mac" in args and not isinstance(args["swap_mac"], bool):
             raise ConfigError(f"{where}.swap_mac must be true or false, got {args['swap_mac']!r}")
         for key, low, high in (
@@ -108,6 +135,12 @@ class Forward:
             out["swap_mac"] = self.swap_mac
         elif self.mode == "tap":
             out["ifname"] = self.ifname
+            if self.netns is not None:
+                out["netns"] = self.netns
+            if self.addresses:
+                out["addresses"] = list(self.addresses)
+            if self.mtu is not None:
+                out["mtu"] = self.mtu
         elif self.mode == "generate":
             out.update(size=self.size, rate=self.rate, count=self.count)
         return out

@@ -337,7 +337,8 @@ def describe_forward(forward: dict) -> str:
     if mode == "reflect":
         return "reflect, swap MAC" if forward.get("swap_mac") else "reflect"
     if mode == "tap":
-        return f"tap {forward.get('ifname', '?')}"
+        where = f" in netns {forward['netns']}" if forward.get("netns") else ""
+        return f"tap {forward.get('ifname', '?')}{where}"
     if mode == "generate":
         size = forward.get("size")
         rate = forward.get("rate", 0)
@@ -468,6 +469,12 @@ def _forward_params(args: argparse.Namespace) -> dict:
         params["swap_mac"] = args.swap_mac
     elif args.mode == "tap":
         params["ifname"] = args.ifname
+        if args.netns is not None:
+            params["netns"] = args.netns
+        if args.address:
+            params["addresses"] = args.address
+        if args.mtu is not None:
+            params["mtu"] = args.mtu
     elif args.mode == "generate":
         for name in ("size", "rate", "count"):
             if getattr(args, name) is not None:
@@ -601,6 +608,14 @@ def build_parser() -> argparse.ArgumentParser:
         "tap", help="to the kernel through a TAP interface, and back", parents=[common]
     )
     mode.add_argument("ifname", metavar="IFNAME", help="the TAP interface's name")
+    mode.add_argument("--netns", metavar="NS", help="move the TAP into network namespace NS")
+    mode.add_argument(
+        "--address",
+        action="append",
+        metavar="ADDR/LEN",
+        help="give the TAP this address (10.0.0.1/24); repeat for more",
+    )
+    mode.add_argument("--mtu", type=parse_count, help="the TAP's MTU (68..2034)")
     mode = modes.add_parser(
         "generate", help="send generated frames instead of forwarding", parents=[common]
     )

@@ -83,6 +83,12 @@ _RXQ_DROPS = {
     "drop_multi_descriptor": "multi_descriptor",  # frames spanning descriptors (no jumbo)
     "drop_errors": "error",  # the MAC flagged the frame (RXE)
 }
+# ... per RX queue from its TAP bridge (tap mode, ixyd/tap.py): frames from the wire it
+# could not write to the TAP
+_TAP_RECEIVE_DROPS = {"drop_write_full": "tap_full", "drop_write_error": "tap_error"}
+# Drop reasons of ixyd_transmit_drop_total for frames from the kernel, per RX queue from its
+# TAP bridge; and per port the TAP's queue in the kernel (tap_kernel_queue: it overflowed)
+_TAP_TRANSMIT_DROPS = {"drop_oversize": "tap_oversize", "drop_stopped": "tap_bridge_stopped"}
 # ... per RX queue from the NIC, and per port from the NIC:
 _QUEUE_HW_DROPS = {"rx_no_descriptor": "no_descriptor"}  # the ring had no free descriptor
 _PORT_HW_DROPS = {"rx_missed": "missed"}  # the packet buffer was full
@@ -226,6 +232,8 @@ class IxydCollector:
         )
         for worker, rxq, _ in port.workers:
             self._collect_queue(dev, worker, rxq, out)
+        if getattr(port, "tap_counts", None):
+            self._collect_tap(dev, port, out)
         self._collect_driver(port, out)
         if port.traffic is not None:
             self._collect_wire(port, out)
@@ -264,7 +272,7 @@ class IxydCollector:
             )
         out.counter(
             "ixyd_transmit_drop",
-            "Frames from the host dropped because the queue was not in tap mode",
+            "Frames from the host (tap mode) dropped, by reason",
             {**labels, "reason": "not_tap_mode"},
             q["drop_from_host"],
         )
@@ -286,6 +294,32 @@ class IxydCollector:
         )
         out.gauge(
             "ixyd_worker_running", "1 while the queue's worker thread runs", labels, worker.running
+        )
+
+    def _collect_tap(self, dev: dict, port: Any, out: _Families) -> None:
+        """A port that has been in tap mode: its TAP bridges' drops per RX queue (their
+        totals over every mode switch) and the kernel's at its TAPs' queues."""
+        for (_, rxq, _), counts in zip(port.workers, port.tap_counts, strict=False):
+            labels = {**dev, "queue": str(rxq.index)}
+            for key, reason in _TAP_RECEIVE_DROPS.items():
+                out.counter(
+                    "ixyd_receive_drop",
+                    "Frames dropped on receive, by reason",
+                    {**labels, "reason": reason},
+                    counts[key],
+                )
+            for key, reason in _TAP_TRANSMIT_DROPS.items():
+                out.counter(
+                    "ixyd_transmit_drop",
+                    "Frames from the host (tap mode) dropped, by reason",
+                    {**labels, "reason": reason},
+                    counts[key],
+                )
+        out.counter(
+            "ixyd_transmit_drop",
+            "Frames from the host (tap mode) dropped, by reason",
+            {**dev, "reason": "tap_kernel_queue"},
+            sum(tap.kernel_drops() for tap in tuple(port.taps.values())),
         )
 
     def _collect_driver(self, port: Any, out: _Families) -> None:

@@ -95,6 +95,11 @@ class ServicePort:
         # mode tap: (TapInterface, [a TapBridge per RX queue]); the bridges share the TAP's
         # fd (each read and write is one whole frame), each serves its worker's channel
         self.tap: tuple[Any, list[Any]] | None = None
+        # every TAP made for this port, by name: kept with its namespace, addresses and MTU
+        # until the instance stops, so leaving tap mode and coming back cuts no kernel peer
+        # off; and what its bridges counted, per RX queue, across their lifetimes
+        self.taps: dict[str, Any] = {}
+        self.tap_counts: list[dict[str, int]] = []
         self.baseline: dict[str, int] = {}
         self.rates: dict[str, float] | None = None
         self.traffic = None  # the model's TrafficEndpoint on this port's wire, demo only
@@ -412,34 +417,55 @@ class Instance:
         port.forward = forward
 
     def _open_tap(self, port: ServicePort, forward: Forward):
-        """The TAP interface and its bridge for mode tap (the current ones if unchanged).
-        Raises RpcError DEVICE_ERROR when ixyd/tap.py is missing or the TAP cannot be made."""
-        if port.tap is not None and port.forward.ifname == forward.ifname:
+        """The TAP interface and its bridges for mode tap (the current ones if unchanged).
+        A TAP this port made before is bridged again as it is (its namespace, addresses,
+        MTU and whatever an administrator set stay), after applying what `forward` asks
+        for; only a new name makes a new TAP. Raises RpcError DEVICE_ERROR when
+        ixyd/tap.py is missing or the TAP cannot be made or configured."""
+        if port.tap is not None and port.forward == forward:
             return port.tap
         if importlib.util.find_spec("ixyd.tap") is None:
             raise RpcError(ErrorCode.DEVICE_ERROR, "tap mode is not available in this build")
-        from .tap import TapBridge, TapInterface
+        from .tap import TapBridge, TapInterface, new_bridge_counts
 
-        if port.tap is not None:  # another interface: one bridge per exception channel
-            self._close_tap(port)
+        settings = dict(netns=forward.netns, mtu=forward.mtu, addresses=forward.addresses)
+        tap = port.taps.get(forward.ifname)
+        if tap is not None and not tap.attached:  # someone deleted it: make it anew
+            log.warning("%s: TAP interface %s was deleted; creating it again", port.name, tap.name)
+            if port.tap is not None and port.tap[0] is tap:
+                self._close_tap(port)
+            del port.taps[tap.name]
+            self._off_loop(tap.close)
+            tap = None
         try:
-            tap = self._off_loop(lambda: TapInterface.create(forward.ifname, mac=port.driver.mac))
+            if tap is None:
+                tap = self._off_loop(
+                    lambda: TapInterface.create(forward.ifname, mac=port.driver.mac, **settings)
+                )
+                port.taps[tap.name] = tap
+            elif any(v for v in settings.values()):  # nothing asked: no netlink at all
+                self._off_loop(lambda: tap.configure(**settings))
         except OSError as exc:  # no netlink socket: RestrictAddressFamilies= of the unit
             raise RpcError(
                 ErrorCode.DEVICE_ERROR,
                 f"cannot create TAP interface {forward.ifname}: {exc.strerror or exc}; TAP "
                 "needs netlink and CAP_NET_ADMIN (under systemd: `ixyd-host install --tap`)",
             ) from None
+        if port.tap is not None:
+            if port.tap[0] is tap:
+                return port.tap
+            self._close_tap(port)  # another interface: one bridge per exception channel
+        while len(port.tap_counts) < len(port.workers):
+            port.tap_counts.append(new_bridge_counts())
         bridges = []
         try:
-            for worker, rxq, _ in port.workers:
+            for (worker, rxq, _), counts in zip(port.workers, port.tap_counts, strict=False):
                 name = f"ixyd-tap-{forward.ifname}.q{len(bridges)}"
-                bridges.append(TapBridge(worker.exception(rxq), tap, name=name))
+                bridges.append(TapBridge(worker.exception(rxq), tap, name=name, counts=counts))
                 bridges[-1].start()
         except BaseException:
             for bridge in bridges:
                 _quietly(bridge.stop, f"stopping {bridge.name}")
-            self._off_loop(tap.close)
             raise
         log.info("%s: TAP interface %s bridged (%d queues)", port.name, tap.name, len(bridges))
         return (tap, bridges)
@@ -451,11 +477,24 @@ class Instance:
             return pool.submit(action).result(NETLINK_TIMEOUT)
 
     def _close_tap(self, port: ServicePort) -> None:
-        tap, bridges = port.tap
+        """Stop bridging the port's TAP; the interface stays (port.taps) until stop(): what
+        the kernel sends meanwhile waits in the TAP's queue, which counts its overflow."""
+        _, bridges = port.tap
         port.tap = None
         for bridge in bridges:
             _quietly(bridge.stop, f"stopping the TAP bridge {bridge.name}")
-        _quietly(lambda: self._off_loop(tap.close), f"removing TAP interface {tap.name}")
+
+    @staticmethod
+    def _tap_counters(port: ServicePort) -> dict[str, int]:
+        """For a port that has been in tap mode: its bridges' totals over every RX queue
+        and bridge lifetime (ixyd/tap.py's BRIDGE_STATS_FIELDS, as `tap_<field>`), and
+        `tap_drop_kernel_queue`, the frames the kernel dropped at its TAPs' full queues."""
+        if not port.tap_counts:
+            return {}
+        fields = port.tap_counts[0]
+        out = {f"tap_{name}": sum(c[name] for c in port.tap_counts) for name in fields}
+        out["tap_drop_kernel_queue"] = sum(t.kernel_drops() for t in tuple(port.taps.values()))
+        return out
 
     def _start_generator(self, port: ServicePort, forward: Forward) -> None:
         worker, _, k = port.workers[0]
@@ -515,6 +554,7 @@ class Instance:
             counters["capture_copied"] += capture["captured"]
             counters["capture_dropped"] += capture["dropped"]
         counters["generated"] = sum(g.stats["sent"] for g in port.generators)
+        counters.update(self._tap_counters(port))
         return counters
 
     def sample_rates(self) -> None:
@@ -898,8 +938,8 @@ class Instance:
         for worker in self.workers:
             if not worker.running:
                 _quietly(worker.close, f"closing worker {worker.name}")
-        for tap, _ in taps:  # the main thread: no event loop in pyroute2's way
-            _quietly(tap.close, f"removing TAP interface {tap.name}")
+        for tap in (t for p in self.ports for t in p.taps.values()):  # the main thread:
+            _quietly(tap.close, f"removing TAP interface {tap.name}")  # no pyroute2 loop
         for port in self.ports:
             _quietly(port.driver.shutdown, f"shutting {port.name} down")
             if port.backend_handle is not None:

@@ -377,6 +377,12 @@ class ExceptionChannel:
         self.push(packets)  # fits: at most `room` buffers, and only we fill that ring
         return len(packets)
 
+    def bind_host(self) -> None:
+        """Bind the host side to the calling thread before native code (the TAP bridge's
+        C loop, ixyd/tap.py) uses the rings directly; RuntimeError if another thread has it.
+        Such code keeps its own count of the buffers it holds (`held` here does not see them)."""
+        self._bind_host()
+
     def release_host(self) -> None:
         """Unbind the host side from the calling thread (another thread may use it next)."""
         self._bind_host()

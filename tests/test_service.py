@@ -218,17 +218,28 @@ def test_saved_tap_whose_name_is_taken_is_set_aside_and_the_config_used(tmp_path
 @pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
 )
-def test_tap_mode_hands_frames_to_the_kernel_and_goes_away(tmp_path):
+def test_tap_mode_hands_frames_to_the_kernel_and_its_tap_lives_as_long_as_the_instance(
+    tmp_path,
+):
     d = Daemon(tmp_path, "--demo-rate", "2000")
     ifname = f"ixyt{os.getpid() % 10000}"
     try:
         d.ctl("set-forward", "demo.0", "tap", ifname)
-        time.sleep(0.5)
-        rx = int(Path(f"/sys/class/net/{ifname}/statistics/rx_packets").read_text())
-        assert rx > 0, "no frame reached the kernel"
+        rx_packets = Path(f"/sys/class/net/{ifname}/statistics/rx_packets")
+        deadline = time.monotonic() + 15  # a loaded machine
+        while int(rx_packets.read_text()) == 0:
+            assert time.monotonic() < deadline, "no frame reached the kernel"
+            time.sleep(0.05)
+        index = Path(f"/sys/class/net/{ifname}/ifindex").read_text()
         d.ctl("set-forward", "demo.0", "port", "demo.1")
-        assert not Path(f"/sys/class/net/{ifname}").exists()
+        # out of tap mode the TAP stays, the same interface: its kernel peers keep it
+        assert Path(f"/sys/class/net/{ifname}/ifindex").read_text() == index
         d.ctl("set-forward", "demo.0", "tap", ifname)
+        assert Path(f"/sys/class/net/{ifname}/ifindex").read_text() == index
+        subprocess.run(["ip", "link", "del", ifname], check=True)  # someone deletes it
+        d.ctl("set-forward", "demo.0", "port", "demo.1")
+        d.ctl("set-forward", "demo.0", "tap", ifname)
+        assert Path(f"/sys/class/net/{ifname}").exists()  # made anew
     finally:
         code, out, _ = d.terminate()
     assert code == 0, out

@@ -13,8 +13,11 @@
  */
 #include "datapath.h"
 
+#include <errno.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "descriptors are little-endian and are accessed without byte swaps"
@@ -871,6 +874,153 @@ uint64_t ixyd_worker_iterations(struct ixyd_worker *w, uint64_t iterations)
     for (uint64_t it = 0; it < iterations; it++)
         received += worker_round(w, bufs);
     return received;
+}
+
+/* ---------------------------------------------------------------- TAP bridge */
+
+/* The bridge's thread is the host side of its channel: it pops to_host and empty, pushes
+ * to_wire and returned, and hands every buffer back through them (rule 3 of the header).
+ * It makes the syscalls the worker never does: one read() or write() per frame, the TAP
+ * carries one frame per call (IFF_NO_PI, drivers/net/tun.c). */
+
+static inline uint32_t tap_held(const struct ixyd_tap_bridge *b)
+{
+    return b->n_empty + b->n_outgoing + b->n_done;
+}
+
+/* Drop the first k of n pointers of an array (the ones a ring just took). */
+static inline uint32_t shift_out(struct ixyd_pkt **pkts, uint32_t n, uint32_t k)
+{
+    memmove(pkts, pkts + k, (n - k) * sizeof *pkts);
+    return n - k;
+}
+
+static inline void tap_give_back(struct ixyd_tap_bridge *b)
+{
+    uint32_t k = spsc_push(&b->x->returned, b->done, b->n_done);
+    b->n_done = shift_out(b->done, b->n_done, k);
+}
+
+static inline void tap_hand_over(struct ixyd_tap_bridge *b)
+{
+    uint32_t k = spsc_push(&b->x->to_wire, b->outgoing, b->n_outgoing);
+    b->n_outgoing = shift_out(b->outgoing, b->n_outgoing, k);
+}
+
+int ixyd_tap_bridge_init(struct ixyd_tap_bridge *b, struct ixyd_exception *x, int fd,
+                         uint32_t batch, struct ixyd_pkt **slots, uint8_t *overflow,
+                         uint32_t overflow_size, uint32_t buf_size, uint32_t min_frame)
+{
+    if (!b || !x || !slots || !overflow || fd < 0)
+        return -1;
+    uint32_t capacity = x->to_host.mask + 1;
+    if (batch < 1 || batch > capacity / 4 || min_frame > buf_size)
+        return -1;
+    *b = (struct ixyd_tap_bridge){
+        .x = x, .fd = fd, .batch = batch, .capacity = capacity, .buf_size = buf_size,
+        .min_frame = min_frame, .empty = slots, .outgoing = slots + capacity,
+        .done = slots + 2 * capacity, .overflow_size = overflow_size, .overflow = overflow,
+    };
+    return 0;
+}
+
+/* Wire -> kernel: a frame the TAP does not take (queue full, interface down) is counted
+ * and its buffer given back like the others; towards the kernel the bridge never waits. */
+static uint32_t tap_to_kernel(struct ixyd_tap_bridge *b)
+{
+    struct ixyd_pkt **popped = b->done + b->n_done;
+    uint32_t n = spsc_pop(&b->x->to_host, popped, min_u32(b->batch, b->capacity - tap_held(b)));
+    for (uint32_t k = 0; k < n; k++) {
+        ssize_t wrote;
+        do
+            wrote = write(b->fd, popped[k]->data, popped[k]->len);
+        while (wrote < 0 && errno == EINTR);
+        if (wrote >= 0) {
+            b->stats.to_kernel++;
+            b->stats.to_kernel_bytes += popped[k]->len;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            b->stats.drop_write_full++;
+        } else {
+            b->stats.drop_write_error++;
+        }
+    }
+    b->n_done += n;
+    if (b->n_done)
+        tap_give_back(b);
+    return n;
+}
+
+/* Kernel -> wire, with back-pressure: while frames wait for the worker (its TX side is
+ * full) or it lends no empty buffer, read nothing, so the frames wait in the TAP's queue
+ * in the kernel, which counts what overflows it (tx_dropped). */
+static int64_t tap_from_kernel(struct ixyd_tap_bridge *b)
+{
+    if (b->n_outgoing) {
+        tap_hand_over(b);
+        if (b->n_outgoing)
+            return 0;
+    }
+    uint32_t frames = 0;
+    while (frames < b->batch) {
+        if (!b->n_empty)
+            b->n_empty = spsc_pop(&b->x->empty, b->empty,
+                                  min_u32(b->batch, b->capacity - tap_held(b)));
+        b->starved = !b->n_empty;
+        if (b->starved)
+            break;
+        struct ixyd_pkt *p = b->empty[b->n_empty - 1];
+        struct iovec iov[2] = {{p->data, b->buf_size}, {b->overflow, b->overflow_size}};
+        ssize_t got;
+        do
+            got = readv(b->fd, iov, 2);
+        while (got < 0 && errno == EINTR);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            return -errno;
+        }
+        frames++;
+        if ((size_t)got > b->buf_size) {
+            b->stats.drop_oversize++;
+            continue;                          /* the buffer stays empty for the next frame */
+        }
+        b->n_empty--;
+        if ((uint32_t)got < b->min_frame) {
+            memset(p->data + got, 0, b->min_frame - got);
+            b->stats.padded++;
+            got = b->min_frame;
+        }
+        p->len = (uint16_t)got;
+        b->stats.from_kernel++;
+        b->stats.from_kernel_bytes += (uint64_t)got;
+        b->outgoing[b->n_outgoing++] = p;
+    }
+    if (b->n_outgoing)
+        tap_hand_over(b);
+    return frames;
+}
+
+int64_t ixyd_tap_bridge_step(struct ixyd_tap_bridge *b)
+{
+    int64_t written = tap_to_kernel(b), read = tap_from_kernel(b);
+    return read < 0 ? read : written + read;
+}
+
+uint32_t ixyd_tap_bridge_hand_back(struct ixyd_tap_bridge *b, int give_up)
+{
+    if (b->n_outgoing)
+        tap_hand_over(b);
+    if (give_up) {
+        b->stats.drop_stopped += b->n_outgoing;
+        for (uint32_t k = 0; k < b->n_outgoing; k++)
+            b->done[b->n_done++] = b->outgoing[k];
+        for (uint32_t k = 0; k < b->n_empty; k++)
+            b->done[b->n_done++] = b->empty[k];
+        b->n_outgoing = b->n_empty = 0;
+    }
+    if (b->n_done)
+        tap_give_back(b);
+    return tap_held(b);
 }
 
 /* ---------------------------------------------------------------- MMIO */

@@ -353,6 +353,56 @@ uint32_t ixyd_capture_drain(struct ixyd_capture *c, uint32_t session, uint8_t *o
 uint64_t ixyd_worker_run(struct ixyd_worker *w, volatile uint32_t *stop);
 uint64_t ixyd_worker_iterations(struct ixyd_worker *w, uint64_t iterations);
 
+/* TAP bridge: the per-frame loops of ixyd/tap.py's TapBridge, run on the bridge's thread
+ * (the channel's host side, rule 3 above: it never allocates or frees) with the GIL
+ * released, so one call moves a batch each way. The thread, its poll() wait, stopping and
+ * the counters' totals stay in Python; tap.py's module docstring says what each counter
+ * and each drop means. Every buffer the bridge holds is in exactly one of its three
+ * arrays (n_empty + n_outgoing + n_done, never more than capacity). */
+struct ixyd_tap_stats {
+    uint64_t to_kernel;          /* frames from the wire written to the TAP */
+    uint64_t to_kernel_bytes;
+    uint64_t from_kernel;        /* frames read from the TAP for the worker (after padding) */
+    uint64_t from_kernel_bytes;
+    uint64_t padded;             /* runts zero-padded to min_frame */
+    uint64_t drop_write_full;    /* a frame from the wire: the TAP write would block */
+    uint64_t drop_write_error;   /* a frame from the wire: the TAP write failed otherwise */
+    uint64_t drop_oversize;      /* a kernel frame longer than buf_size */
+    uint64_t drop_stopped;       /* a kernel frame the worker did not take before the stop */
+};
+
+struct ixyd_tap_bridge {
+    struct ixyd_exception *x;
+    int fd;                      /* the TAP: non-blocking, IFF_NO_PI (one frame per read/write) */
+    uint32_t batch;              /* frames per direction per step: 1..capacity / 4 */
+    uint32_t capacity;           /* the channel's ring size: the most buffers the bridge holds */
+    uint32_t buf_size;           /* bytes a buffer's data[] holds */
+    uint32_t min_frame;          /* shorter frames from the kernel are zero-padded to this */
+    uint32_t starved;            /* the last step found no empty buffer: read nothing, wait */
+    struct ixyd_pkt **empty;     /* n_empty buffers lent by the worker, not yet filled */
+    struct ixyd_pkt **outgoing;  /* n_outgoing frames from the kernel the worker has not taken */
+    struct ixyd_pkt **done;      /* n_done buffers written to the kernel (or dropped), to return */
+    uint32_t n_empty, n_outgoing, n_done;
+    uint32_t overflow_size;
+    uint8_t *overflow;           /* a read's second iovec: catches (and measures) oversize frames */
+    struct ixyd_tap_stats stats; /* since the owner last folded them into its totals and zeroed them */
+};
+
+/* slots: 3 * capacity entries (capacity = the channel's ring size). -1 for a NULL pointer,
+ * a negative fd, batch outside 1..capacity / 4 or buf_size / min_frame out of order. */
+int ixyd_tap_bridge_init(struct ixyd_tap_bridge *b, struct ixyd_exception *x, int fd,
+                         uint32_t batch, struct ixyd_pkt **slots, uint8_t *overflow,
+                         uint32_t overflow_size, uint32_t buf_size, uint32_t min_frame);
+/* One round: write up to batch frames from to_host to the TAP and give their buffers back,
+ * then read up to batch frames from the TAP into lent buffers and push them to to_wire.
+ * Returns the frames handled (written or dropped, read or dropped as oversize), or -errno
+ * when a read fails otherwise than EAGAIN (the buffers stay accounted in the bridge). */
+int64_t ixyd_tap_bridge_step(struct ixyd_tap_bridge *b);
+/* Offer the outgoing frames to the worker again and give back what is done. give_up:
+ * first count the outgoing frames the worker did not take as drop_stopped and give them
+ * back with the unused empty buffers. Returns the buffers the bridge still holds. */
+uint32_t ixyd_tap_bridge_hand_back(struct ixyd_tap_bridge *b, int give_up);
+
 /* One aligned 32-bit access to a mapped BAR; offset in bytes. */
 uint32_t ixyd_mmio_read32(volatile uint32_t *bar, uint32_t offset);
 void ixyd_mmio_write32(volatile uint32_t *bar, uint32_t offset, uint32_t value);
