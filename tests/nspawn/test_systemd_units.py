@@ -25,6 +25,7 @@ from ixyd.metrics import MAX_CONNECTIONS
 pytestmark = pytest.mark.nspawn
 
 CTL = "/opt/ixyd/bin/ixyd-ctl"
+PYTHON = "/opt/ixyd/bin/python3"
 
 
 def ctl(container, *args: str, check: bool = True):
@@ -399,6 +400,7 @@ def test_the_first_status_after_socket_activation_says_running(container):
 
 
 OTHER = "0000:04:00.0"  # a second instance, for the failures below
+OTHER_METRICS = "127.0.0.1:21390"
 OTHER_SERVICE = f"ixyd@{OTHER}.service"
 
 
@@ -412,7 +414,8 @@ def other_instance(container):
     def configure(cpus: int = 0, exec_start: str | None = None, text: str | None = None) -> None:
         config.write_text(
             text
-            or f'[[port]]\naddress = "other.0"\nrx_ring = 64\ntx_ring = 64\npool_size = 256\n'
+            or f'metrics = "{OTHER_METRICS}"\n'
+            f'[[port]]\naddress = "other.0"\nrx_ring = 64\ntx_ring = 64\npool_size = 256\n'
             f"cpus = [{cpus}]\n"
         )
         if exec_start:
@@ -421,7 +424,10 @@ def other_instance(container):
         container.run(["systemctl", "daemon-reload"])
 
     yield configure
-    container.run(["systemctl", "stop", OTHER_SERVICE, f"ixyd@{OTHER}.socket"], timeout=60)
+    container.run(
+        ["systemctl", "stop", OTHER_SERVICE, f"ixyd@{OTHER}.socket", f"ixyd-metrics@{OTHER}.socket"],
+        timeout=60,
+    )
     container.run(["systemctl", "reset-failed", OTHER_SERVICE], check=False)
     config.unlink(missing_ok=True)
     for path in drop_in.glob("*"):
@@ -439,6 +445,9 @@ def test_a_configuration_the_daemon_refuses_is_not_restarted(container, other_in
     the daemon can tell): RestartPreventExitStatus=2, so systemd does not retry it, and
     ExecStopPost= gives the NICs back instead of keeping them for a restart."""
     other_instance(cpus=999)
+    # enabled sockets listen from boot on (sockets.target)
+    container.run(["systemctl", "start", f"ixyd-metrics@{OTHER}.socket"])
+    assert active(container, f"ixyd-metrics@{OTHER}.socket")
     started = container.run(["systemctl", "start", OTHER_SERVICE], check=False, timeout=60)
     assert started.returncode != 0
     shown = container.show(OTHER_SERVICE, "ActiveState", "Result", "ExecMainStatus", "NRestarts")
@@ -451,6 +460,23 @@ def test_a_configuration_the_daemon_refuses_is_not_restarted(container, other_in
     journal = journal_of(container, OTHER_SERVICE)
     assert "CPU 999 does not exist" in journal
     assert f"{OTHER}: gave back no NIC" in journal  # released, not kept for a restart
+    # Its metrics socket (the file parses, so the generator gave it an address) does not
+    # stay listening either: Prometheus' next scrape would start the same failure again.
+    container.wait_for(
+        lambda: container.show(f"ixyd-metrics@{OTHER}.socket", "ActiveState")["ActiveState"]
+        == "inactive",
+        "the metrics socket to stop with the failed instance",
+    )
+    host, port = OTHER_METRICS.split(":")
+    scrape = container.run(
+        [PYTHON, "-c", f"import socket; socket.create_connection(('{host}', {port}), timeout=5)"],
+        check=False,
+    )
+    assert scrape.returncode != 0 and "ConnectionRefused" in scrape.stderr, scrape
+    assert container.show(OTHER_SERVICE, "NRestarts", "ActiveState") == {
+        "NRestarts": "0",
+        "ActiveState": "failed",
+    }
 
 
 def test_a_daemon_systemd_cannot_start_does_not_keep_the_nics(container, other_instance):
