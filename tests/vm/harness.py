@@ -148,6 +148,10 @@ exec switch_root /newroot "$rootinit"
 """
 
 GUEST_SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The interpreter these tests run under, for scenarios: the guest's root is the host's, so
+# the same absolute path works there (a venv's bin/python must not be resolved: it is what
+# makes the venv's packages visible). Its directory goes first on the guest's PATH.
+GUEST_PYTHON = sys.executable
 GUEST_WIND_DOWN_S = 3.0  # guest keeps this much of the timeout for dmesg + power-off
 GUEST_WIND_DOWN_SYSTEMD_S = 8.0  # ... and under systemd for the journal + a forced shutdown
 CONSOLE_TAIL_LINES = 40
@@ -679,8 +683,9 @@ def run_in_guest(
         at the timeout. Either way: GuestTimeout.
     with_igb_driver: also load the kernel's igb driver, which then binds both ports
         (otherwise no driver is bound and only vfio-pci and vfio_iommu_type1 are loaded).
-    env: extra environment; the command starts from a clean one: PATH (repo .venv/bin
-        first), HOME=/root, LANG=C.UTF-8, IXYD_VM_GUEST=1; no PYTHONPATH unless given here.
+    env: extra environment; the command starts from a clean one: PATH (the directory of
+        GUEST_PYTHON first), HOME=/root, LANG=C.UTF-8, IXYD_VM_GUEST=1; no PYTHONPATH
+        unless given here.
     topology: "default" (IGB_PORTS: each igb alone in its IOMMU group) or "shared-group"
         (IGB_PORTS_SHARED_GROUP: both igb in one IOMMU group, behind a pcie-pci-bridge).
     init: "script" (guest_init.sh is PID 1 and runs the command; read-only root) or
@@ -750,7 +755,7 @@ def _guest_config(
     """The bash assignments guest_init.sh (or guest_systemd.sh) sources from the share.
     deadline: guest uptime (s) at which the command is stopped."""
     guest_env = {
-        "PATH": f"{REPO_ROOT}/.venv/bin:{GUEST_SYSTEM_PATH}",
+        "PATH": f"{Path(GUEST_PYTHON).parent}:{GUEST_SYSTEM_PATH}",
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "TERM": "dumb",
