@@ -706,6 +706,8 @@ def run_in_guest(
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; one of {', '.join(INITS)}")
+    if hugepages < 0:
+        raise ValueError(f"hugepages must be 0 or more, got {hugepages}")
     host = host or ensure_host()
     with tempfile.TemporaryDirectory(prefix="ixyd-vm-") as run_dir:
         share = Path(run_dir) / "out"
