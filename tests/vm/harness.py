@@ -148,6 +148,17 @@ exec switch_root /newroot "$rootinit"
 """
 
 GUEST_SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The interpreter these tests run under, for scenarios: the guest's root is the host's, so
+# the same absolute path works there (a venv's bin/python must not be resolved: it is what
+# makes the venv's packages visible). Its directory goes first on the guest's PATH.
+GUEST_PYTHON = sys.executable
+# 2 MiB hugepages the guest kernel reserves at boot (`hugepages=` on its command line,
+# before anything can fragment its memory), so ixyd's DMA memory is physically contiguous.
+# QEMU's igb drops a TX frame whose buffer crosses into a 4 KiB guest page that is not
+# adjacent in guest-physical memory (docs/vm-guest-dma.md): with 4 KiB pages that is
+# random loss. 64 x 2 MiB = 128 MiB of the guest's 1 GiB; two ports with the default pools
+# (4,096 buffers each) take 12.
+GUEST_HUGEPAGES = 64
 GUEST_WIND_DOWN_S = 3.0  # guest keeps this much of the timeout for dmesg + power-off
 GUEST_WIND_DOWN_SYSTEMD_S = 8.0  # ... and under systemd for the journal + a forced shutdown
 CONSOLE_TAIL_LINES = 40
@@ -668,6 +679,7 @@ def run_in_guest(
     host: VmHost | None = None,
     topology: str = "default",
     init: str = "script",
+    hugepages: int = GUEST_HUGEPAGES,
 ) -> GuestResult:
     """Boots the guest, runs `command` as root in the repo root and powers off.
 
@@ -679,18 +691,23 @@ def run_in_guest(
         at the timeout. Either way: GuestTimeout.
     with_igb_driver: also load the kernel's igb driver, which then binds both ports
         (otherwise no driver is bound and only vfio-pci and vfio_iommu_type1 are loaded).
-    env: extra environment; the command starts from a clean one: PATH (repo .venv/bin
-        first), HOME=/root, LANG=C.UTF-8, IXYD_VM_GUEST=1; no PYTHONPATH unless given here.
+    env: extra environment; the command starts from a clean one: PATH (the directory of
+        GUEST_PYTHON first), HOME=/root, LANG=C.UTF-8, IXYD_VM_GUEST=1; no PYTHONPATH
+        unless given here.
     topology: "default" (IGB_PORTS: each igb alone in its IOMMU group) or "shared-group"
         (IGB_PORTS_SHARED_GROUP: both igb in one IOMMU group, behind a pcie-pci-bridge).
     init: "script" (guest_init.sh is PID 1 and runs the command; read-only root) or
         "systemd" (the host's systemd is PID 1 on a writable overlay root and runs the
         command as a unit after basic.target; see guest_systemd.sh). Same command
         environment and results; with systemd also `journal` and `boot`.
+    hugepages: 2 MiB hugepages the guest reserves at boot (GUEST_HUGEPAGES); 0 leaves
+        DMA memory in 4 KiB pages, where QEMU's igb loses page-crossing TX frames.
     Raises GuestTimeout, GuestError (no result: panic, init failure), HostSetupError.
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; one of {', '.join(INITS)}")
+    if hugepages < 0:
+        raise ValueError(f"hugepages must be 0 or more, got {hugepages}")
     host = host or ensure_host()
     with tempfile.TemporaryDirectory(prefix="ixyd-vm-") as run_dir:
         share = Path(run_dir) / "out"
@@ -711,6 +728,7 @@ def run_in_guest(
             "panic=-1",
             "intel_iommu=on",
             "no_timer_check",
+            *([f"hugepages={hugepages}"] if hugepages else []),
             *(
                 [f"rootinit={GUEST_INIT}"]
                 if init == "script"
@@ -750,7 +768,7 @@ def _guest_config(
     """The bash assignments guest_init.sh (or guest_systemd.sh) sources from the share.
     deadline: guest uptime (s) at which the command is stopped."""
     guest_env = {
-        "PATH": f"{REPO_ROOT}/.venv/bin:{GUEST_SYSTEM_PATH}",
+        "PATH": f"{Path(GUEST_PYTHON).parent}:{GUEST_SYSTEM_PATH}",
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "TERM": "dumb",
@@ -839,6 +857,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--topology", choices=TOPOLOGIES, default="default", help="PCI layout")
     parser.add_argument("--init", choices=INITS, default="script", help="PID 1 of the guest")
     parser.add_argument("--journal", action="store_true", help="print the journal (systemd)")
+    parser.add_argument(
+        "--hugepages", type=int, default=GUEST_HUGEPAGES, help="2 MiB pages the guest reserves"
+    )
     parser.add_argument("command", nargs="+", help="argv to run (a single word: a bash script)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="ixyd-vm: %(message)s")
@@ -852,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=host,
             topology=args.topology,
             init=args.init,
+            hugepages=args.hugepages,
         )
     except GuestError as e:
         if args.console:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import IGB_PORTS, SCENARIOS, VmHost
+from harness import GUEST_PYTHON, IGB_PORTS, SCENARIOS, VmHost
 
 pytestmark = pytest.mark.vm
 
-SCENARIO = [".venv/bin/python", str(SCENARIOS / "daemon_vfio.py")]
+SCENARIO = [GUEST_PYTHON, str(SCENARIOS / "daemon_vfio.py")]
 (BDF_A, MAC_A), (BDF_B, MAC_B) = ((port.bdf, port.mac) for port in IGB_PORTS)
 
 

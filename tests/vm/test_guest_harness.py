@@ -3,16 +3,17 @@ timeouts end the guest, and raw VFIO works from plain Python inside it."""
 
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from harness import IGB_PCI_ID, IGB_PORTS, SCENARIOS, GuestTimeout, VmHost
+from harness import GUEST_PYTHON, IGB_PCI_ID, IGB_PORTS, SCENARIOS, GuestTimeout, VmHost
 
 pytestmark = pytest.mark.vm
 
-VENV_PYTHON = ".venv/bin/python"
+VENV_PYTHON = GUEST_PYTHON  # the interpreter these tests run under, by absolute path
 
 
 def qemu_processes_using(path: Path) -> list[str]:
@@ -60,13 +61,17 @@ def test_compiled_ixyd_modules_import_in_guest(vm: VmHost):
         [
             VENV_PYTHON,
             "-c",
-            "import ixyd, ixyd._datapath, ixyd.model._engine; print(ixyd.__file__)",
+            "import ixyd, ixyd._datapath, ixyd.model._engine, os, shutil, sys; "
+            "print(sys.executable, shutil.which(os.path.basename(sys.executable)))\n"
+            "print(ixyd.__file__)",
         ],
         timeout=60,
     )
 
     assert result.returncode == 0, result.output
     assert result.output.strip().endswith("ixyd/__init__.py")
+    # the guest runs the interpreter of this test session, also first on its PATH by name
+    assert result.output.split()[:2] == [sys.executable, sys.executable]
 
 
 def test_timeout_kills_the_guest_quickly_and_leaves_no_qemu(vm: VmHost, tmp_path, monkeypatch):

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import IGB_PORTS, SCENARIOS, GuestResult, VmHost
+from harness import GUEST_PYTHON, IGB_PORTS, SCENARIOS, GuestResult, VmHost
 
 pytestmark = pytest.mark.vm
 
-SCENARIO = [".venv/bin/python", str(SCENARIOS / "systemd_vfio.py")]
+SCENARIO = [GUEST_PYTHON, str(SCENARIOS / "systemd_vfio.py")]
 (BDF_A, MAC_A), (BDF_B, MAC_B) = ((port.bdf, port.mac) for port in IGB_PORTS)
 UNIT = f"ixyd@{BDF_A}.service"
 GENERATE_COUNT = 500  # scenarios/systemd_vfio.py

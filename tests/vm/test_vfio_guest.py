@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import IGB_PORTS, IGB_PORTS_SHARED_GROUP, SCENARIOS, VmHost
+from harness import GUEST_PYTHON, IGB_PORTS, IGB_PORTS_SHARED_GROUP, SCENARIOS, VmHost
 
 pytestmark = pytest.mark.vm
 
-SCENARIO = [".venv/bin/python", str(SCENARIOS / "vfio_backend.py")]
+SCENARIO = [GUEST_PYTHON, str(SCENARIOS / "vfio_backend.py")]
 MARKER = "VFIO_SCENARIO_RESULT "
 MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)
 PER_DEVICE_CHECKS = (
@@ -116,7 +116,7 @@ def test_vfio_group_not_viable_is_explained(vm: VmHost):
     function and its driver, bind_vfio refuses without touching anything, and
     bind_vfio_group makes the group usable."""
     result = vm.run(
-        [".venv/bin/python", str(SCENARIOS / "vfio_not_viable.py")],
+        [GUEST_PYTHON, str(SCENARIOS / "vfio_not_viable.py")],
         timeout=120,
         with_igb_driver=True,
         topology="shared-group",
