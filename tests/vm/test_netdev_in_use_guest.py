@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import SCENARIOS, VmHost
+from harness import GUEST_PYTHON, SCENARIOS, VmHost
 
 pytestmark = pytest.mark.vm
 
@@ -34,7 +34,7 @@ CHECKS = (
 
 def test_an_igb_port_in_use_by_stacking_or_from_another_namespace_is_refused(vm: VmHost):
     result = vm.run(
-        [".venv/bin/python", str(SCENARIOS / "netdev_in_use.py")],
+        [GUEST_PYTHON, str(SCENARIOS / "netdev_in_use.py")],
         timeout=300,
         with_igb_driver=True,
         env={"IXT_KROOT": str(vm.kroot)},
