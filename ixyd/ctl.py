@@ -754,6 +754,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ixyd-ctl: {exc}", file=sys.stderr)
         return exc.exit_code
     except RemoteError as exc:
+        if args.command == "debug" and exc.code == ErrorCode.METHOD_NOT_FOUND:
+            exc.message = (
+                f"{args.who} has fault injection off: set fault_injection = true in its "
+                "configuration and restart it (a test aid, never for production)"
+            )
         print(f"ixyd-ctl: {exc.message}", file=sys.stderr)
         return EXIT_PERMISSION if exc.code == ErrorCode.UNAUTHORIZED else EXIT_ERROR
     try:

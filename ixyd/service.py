@@ -315,7 +315,15 @@ class Instance:
             "inject_fault": self.rpc_inject_fault,
             "capture": self.rpc_capture,
         }
+        if self.config.fault_injection:
+            log.warning(
+                "fault injection is on (fault_injection = true): a test aid, not for production"
+            )
+        else:  # off: the method does not exist (docs/control.md, inject_fault)
+            del handlers["inject_fault"]
         for name, spec in IXYD_METHODS.items():
+            if name not in handlers:
+                continue
             server.register(
                 name,
                 handlers[name],
