@@ -761,6 +761,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         print(f"ixyd-ctl: {exc.message}", file=sys.stderr)
         return EXIT_PERMISSION if exc.code == ErrorCode.UNAUTHORIZED else EXIT_ERROR
+    warnings = result.get("warnings") if isinstance(result, dict) else None
+    for warning in warnings if isinstance(warnings, list) else ():
+        print(f"ixyd-ctl: warning: {warning}", file=sys.stderr)  # e.g. a change not saved
     try:
         print(json.dumps(result, indent=2) if as_json else render(result, args))
         sys.stdout.flush()

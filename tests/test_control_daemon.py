@@ -4,7 +4,10 @@ namespace for the state directory)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -56,3 +59,67 @@ def test_inject_fault_is_off_unless_the_configuration_turns_it_on(run_dir, daemo
     assert [p["present"] for p in faulty.json("ports")["ports"]] == [True, False]
     assert faulty.terminate() == 0
     assert "fault injection is on" in faulty.log
+
+
+# The state directory as the daemon sees it in its own mount namespace: read-only (as
+# outside ReadWritePaths= under systemd), or a file system with no space left.
+STATE_MOUNTS = {
+    "read-only": ('mount --bind "$STATE" "$STATE" && mount -o remount,bind,ro "$STATE"'),
+    "full": (
+        'mount -t tmpfs -o size=64k tmpfs "$STATE" && '
+        '{ dd if=/dev/zero of="$STATE/filler" bs=4k 2>/dev/null || true; }'
+    ),
+}
+STATE_ERRORS = {"read-only": "Read-only file system", "full": "No space left on device"}
+
+
+class DaemonWithStateMount(Daemon):
+    """A Daemon whose state directory `state_dir` is mounted by `mount` (sh) in a mount
+    namespace of its own."""
+
+    def __init__(self, run_dir: str, state_dir: str, mount: str):
+        self.run_dir, self.instance = run_dir, "demo"
+        self.socket = Path(run_dir) / "demo.sock"
+        self.env = {**os.environ, "IXYD_RUN_DIR": run_dir, "STATE": state_dir}
+        self.env.pop("JOURNAL_STREAM", None)
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+            + [f'{mount} && exec "$@"', "sh", sys.executable, "-m", "ixyd.service"]
+            + ["--demo", "--demo-rate", str(RATE), "--run-dir", run_dir, "--state-dir", state_dir],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.log = ""
+        deadline = time.monotonic() + 60
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"ixyd did not start: {self.proc.communicate()[0]}")
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("state", ["read-only", "full"])
+def test_a_change_the_state_directory_cannot_keep_is_made_with_a_warning(run_dir, daemons, state):
+    """The change takes effect (forwarding is not held hostage by a disk), and both the
+    reply and ixyd-ctl say that a restart will undo it."""
+    state_dir = os.path.join(run_dir, "state")
+    os.mkdir(state_dir)
+    d = DaemonWithStateMount(run_dir, state_dir, STATE_MOUNTS[state])
+    daemons.append(d)
+    state_file = os.path.join(state_dir, "demo.json")
+    changed = d.ctl("set-forward", "demo.0", "drop")
+    assert changed.stdout.strip() == "demo.0: forwarding drop"
+    expected = (
+        f"ixyd-ctl: warning: demo.0: the change is in effect but not saved: cannot write "
+        f"{state_file} ({STATE_ERRORS[state]}); a restart will undo it"
+    )
+    assert changed.stderr.strip() == expected
+    assert d.json("get-forward", "demo.0")["ports"][0]["forward"] == {"mode": "drop"}
+    promisc = json.loads(d.ctl("--json", "set-promisc", "demo.1", "off").stdout)
+    assert promisc["promisc"] is False
+    assert promisc["warnings"] == [expected.replace("ixyd-ctl: warning: demo.0", "demo.1")]
+    assert not os.path.exists(state_file)  # outside the daemon's namespace: never written
+    assert d.terminate() == 0
+    assert "cannot write the state file" in d.log
