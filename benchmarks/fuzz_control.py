@@ -78,7 +78,10 @@ def main() -> int:
     for code in sorted(c for c in seen if c != "result"):
         print(f"  {code:>7} {ErrorCode(code).name:<18} {seen[code]:,}")
     print(f"handlers: {calls:,} calls, each answered or a notification, none with inf")
-    print(f"server:   longest step of its thread {longest * 1000:.2f} ms")
+    print(
+        f"server:   longest step of its thread {longest[0] * 1000:.2f} ms "
+        f"({longest[1] * 1000:.2f} ms of CPU time)"
+    )
     if failed is not None:
         print(f"FAILED: {failed!r}")
         return 1

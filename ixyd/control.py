@@ -525,17 +525,22 @@ class _Job:
 
 class _FairTurns:
     """Runs the connections' work on the server thread, one step at a time and fairly:
+    the uids in `first` (root and the daemon's own: the operators) before the others,
     round-robin over the uids that have work waiting, and for each uid over its
     connections in turn. A step is one unit (decoding a line, one request of a batch);
-    after each, the loop goes back to its I/O. So a request waits for at most one step of
-    every other uid with work waiting, never for a whole batch, nor for the many
-    connections one user may hold. `steps` and `longest_step` (seconds) tell what it did."""
+    after each, the loop goes back to its I/O. So an operator's request waits for at most
+    the step in progress, anyone else's for at most one step of every other uid with work
+    waiting; never for a whole batch, nor for the many connections one user may hold.
+    `steps`, `longest_step` (seconds, wall clock: includes time the thread was preempted)
+    and `longest_step_cpu` (the thread's CPU time: the work itself) tell what it did."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: frozenset[int] = frozenset()) -> None:
+        self._first = first
         self._waiting: dict[int, deque[_Job]] = {}  # uid -> its jobs, in turn order
         self._wake = asyncio.Event()
         self.steps = 0
         self.longest_step = 0.0
+        self.longest_step_cpu = 0.0
 
     async def run(self, uid: int, steps: Generator[None, None, Any]) -> Any:
         """Run `steps` to its end in uid's turns; its return value. If the caller is
@@ -556,13 +561,18 @@ class _FairTurns:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            uid = next(iter(self._waiting))  # the uid whose turn came longest ago
+            # an operator's, else the uid whose turn came longest ago
+            uid = next((u for u in self._waiting if u in self._first), None)
+            if uid is None:
+                uid = next(iter(self._waiting))
             jobs = self._waiting.pop(uid)
             job = jobs.popleft()
             if not job.done.done():  # else: cancelled while waiting
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.thread_time()
                 finished = job.step()
                 self.longest_step = max(self.longest_step, time.perf_counter() - started)
+                cpu = time.thread_time() - started_cpu
+                self.longest_step_cpu = max(self.longest_step_cpu, cpu)
                 self.steps += 1
                 if not finished:
                     jobs.append(job)  # after this uid's other connections
@@ -927,11 +937,13 @@ class ControlServer:
         return len(self._clients)
 
     @property
-    def longest_step(self) -> float:
-        """The longest the server thread spent on one unit of a client's work (decoding a
-        line, one request), in seconds since start; what another client may have to wait
-        per uid with work waiting (see _FairTurns)."""
-        return self._turns.longest_step if self._turns is not None else 0.0
+    def longest_step(self) -> tuple[float, float]:
+        """The longest one unit of a client's work (decoding a line, one request) has
+        held the server thread since start: (wall-clock seconds, the thread's CPU
+        seconds). What another client may wait per uid with work waiting (_FairTurns)."""
+        if self._turns is None:
+            return 0.0, 0.0
+        return self._turns.longest_step, self._turns.longest_step_cpu
 
     def serve(self) -> None:
         """Start serving on the server thread; return once the socket accepts connections.
@@ -1103,7 +1115,7 @@ class ControlServer:
         self._closing = asyncio.Event()
         if self._closed:  # close() came before the loop ran
             return
-        self._turns = _FairTurns()
+        self._turns = _FairTurns(first=frozenset({ROOT_UID, self._owner_uid}))
         turns = asyncio.ensure_future(self._turns.serve())
         server = await asyncio.start_unix_server(
             self._client_connected,
