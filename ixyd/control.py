@@ -14,7 +14,10 @@ Threads: the server runs an asyncio loop in its own thread, `ixyd-control`. Hand
 called on that thread, one at a time, so they need no locking against each other, but
 they block every other client while they run: keep them quick (read published counters,
 flip a flag in shared memory) and never wait on a data-path worker. Data-path workers
-never wait on the server.
+never wait on the server. The clients' work takes turns on that thread (_FairTurns): one
+step (a line's decoding, one request) at a time, root and the daemon's user first, then
+round-robin by uid; connections, batches and unread replies are capped per client
+(docs/control.md "Framing and limits", "Fairness").
 """
 
 from __future__ import annotations

@@ -609,7 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
         "debug",
         "test aids, not for production: `stall-worker` makes a worker hang (its loop spins "
         "without polling), so that the systemd watchdog restarts the instance; `remove-port` "
-        "unplugs a model port (its NIC reads all-ones)",
+        "unplugs a model port (its NIC reads all-ones); only for an instance configured "
+        "with fault_injection = true",
     )
     debug.add_argument("fault", choices=("stall-worker", "remove-port"))
     debug.add_argument("--worker", type=int, default=0, metavar="N", help="worker number (0)")
