@@ -7,28 +7,31 @@ socket, against the same instance unflooded (issue 12, item A2).
 
 Needs root (the hostile clients run as other users). The instance is the daemon's own
 `Instance` (service.py) with the demo's two 82599 model ports, its control socket in a
-temporary directory (mode 0660, group root). Hostile clients: four uids (nobody, 4243,
-4244, 4245), each a member of the socket's group (read-only: `stats` is allowed), each
-trying to hold 16 connections: 64 in all, the server's whole limit. Three of every four
-connections send, one line in flight, alternately a batch of 32 `stats` calls and a 64 KiB
-line of 1,500 (the attack of the issue; refused whole now), reading the replies; the
-fourth sends 32-call batches and never reads. Connections the server refuses retry every
-0.2 s. Each client process gets its uid after the interpreter has started as root (the
-interpreter may live where other users cannot go).
+temporary directory (mode 0660, group root), both spinning workers pinned to the last CPU
+(`--worker-cpu`): the rest is the housekeeping the control thread, the clients and the
+probe share, as on a host that keeps its poll cores for the workers. Hostile clients:
+four uids (nobody, 4243, 4244, 4245), each a member of the socket's group (read-only:
+`stats` is allowed), each trying to hold 16 connections: 64 in all, the server's whole
+limit. Three of every four connections send, one line in flight, alternately a batch of
+32 `stats` calls and a 64 KiB line of 1,500 (the attack of the issue; refused whole now),
+reading the replies; the fourth sends 32-call batches and never reads. Connections the
+server refuses retry every 0.2 s. Each client process gets its uid after the interpreter
+has started as root (the interpreter may live where other users cannot go).
 
 Root's probe is another process: one `status` call per fresh connection (as ixyd-ctl
 makes it), timed from connect() to the reply, `--probes` per window, 10 ms apart.
 Windows alternate between flooding (the hostile processes run) and quiet (they are
 stopped with SIGSTOP; their connections stay open), so both share one run. Prints root's
 p50/p99/max per variant, refusals and timeouts (must be 0), the server thread's longest
-single step, the batches the hostile clients got answered, the process's RSS before and
-after, and the log records the flood caused.
+single step, the process's RSS before and after, and the log records the flood caused.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import gc
 import json
 import logging
 import os
@@ -183,16 +186,31 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from ixyd.config import demo_config
-    from ixyd.service import Instance
+    from ixyd.service import Instance, freeze_startup_objects
 
     workdir = tempfile.mkdtemp(prefix="ixyd-fair-")
     os.chmod(workdir, 0o755)
     config = demo_config(state_dir=workdir, rate=1000)
+    if args.worker_cpu is not None:  # the poll core; the rest is housekeeping (README "Deploy")
+        ports = tuple(dataclasses.replace(p, cpus=(args.worker_cpu,)) for p in config.ports)
+        config = dataclasses.replace(config, ports=ports)
     instance = Instance(config, run_dir=workdir)
     counted = LogCount()
     logging.getLogger("ixyd.control").addHandler(counted)
     logging.getLogger("ixyd.control").setLevel(logging.INFO)
+    gc_pauses: list[float] = []
+    gc_started = [0.0]
+
+    def gc_timer(phase: str, info: dict) -> None:  # Python's cyclic GC stops every thread
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+        else:
+            gc_pauses.append(time.perf_counter() - gc_started[0])
+
+    gc.callbacks.append(gc_timer)
     instance.start()
+    if not args.no_freeze:
+        freeze_startup_objects()  # as ixyd's main() does
     server = instance.server
     path = server.path
     gid = os.stat(path).st_gid
@@ -244,7 +262,12 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"setup:    demo instance (2 model ports); {len(HOSTILE_UIDS)} group members x "
         f"{CONNECTIONS_PER_UID} connections; {held} connections held at the flood's start; "
-        f"{args.pairs} pairs of windows, {args.probes} root status calls each"
+        f"{args.pairs} pairs of windows, {args.probes} root status calls each; both "
+        + (
+            f"workers on CPU {args.worker_cpu}"
+            if args.worker_cpu is not None
+            else "workers unpinned"
+        )
     )
     for variant in ("quiet", "flood"):
         values = results[variant]
@@ -263,6 +286,11 @@ def run(args: argparse.Namespace) -> int:
             f"server:   longest step of the control thread {longest[0] * 1000:.2f} ms "
             f"({longest[1] * 1000:.2f} ms of CPU time)"
         )
+    if gc_pauses:
+        print(
+            f"gc:       {len(gc_pauses)} collections in the process, longest "
+            f"{max(gc_pauses) * 1000:.2f} ms"
+        )
     print(f"memory:   RSS {rss_before:.0f} MiB before the flood, {rss_after:.0f} MiB after")
     print(
         f"log:      {counted.records - records_before} records from ixyd.control during the flood"
@@ -274,6 +302,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=10, help="pairs of quiet/flood windows")
     parser.add_argument("--probes", type=int, default=50, help="root status calls per window")
+    parser.add_argument(
+        "--worker-cpu",
+        type=int,
+        default=(os.cpu_count() or 1) - 1,
+        help="CPU for both spinning workers (default: the last); -1: leave them unpinned",
+    )
+    parser.add_argument(
+        "--no-freeze", action="store_true", help="skip gc.freeze() after the start (as before)"
+    )
     parser.add_argument("--role", choices=("run", "hostile", "probe"), default="run")
     parser.add_argument("--socket")
     parser.add_argument("--uid", type=int)
@@ -288,6 +325,8 @@ def main() -> int:
     if os.geteuid() != 0:
         parser.error("needs root: the hostile clients run as other users")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.worker_cpu < 0:
+        args.worker_cpu = None
     return run(args)
 
 
