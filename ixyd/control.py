@@ -730,8 +730,9 @@ class ControlServer:
     def _answer_steps(
         self, line: bytes, peer: Peer, streams: list[Stream]
     ) -> Generator[None, None, bytes | None]:
-        """answer(), one unit of work per step (for _FairTurns): decoding the line, then
-        each request of a batch; returns the response line. A streaming method's Stream is
+        """answer(), one unit of work per step (for _FairTurns): decoding the line (and
+        answering it if it is a single request), then each request of a batch; returns the
+        response line. A streaming method's Stream is
         appended to `streams`."""
         try:
             text = line.decode("utf-8")
