@@ -225,6 +225,7 @@ class InstanceConfig:
     state_dir: str = DEFAULT_STATE_DIR
     give_back: bool = True  # rebind VFIO devices to their kernel driver on exit
     force_bind: bool = False  # take a NIC even if its netdev is up with addresses
+    fault_injection: bool = False  # serve inject_fault (a test aid: hangs workers, unplugs ports)
     metrics: str | None = None  # host:port or "off"; None: DEFAULT_METRICS_ADDRESS
     traffic: ModelTraffic = field(default_factory=ModelTraffic)
     source: str | None = None
@@ -321,6 +322,7 @@ _TOP_KEYS = {
     "state_dir",
     "give_back",
     "force_bind",
+    "fault_injection",
     "metrics",
     "port",
     "model_traffic",
@@ -384,7 +386,7 @@ def build(data: dict[str, Any], source: str | None) -> InstanceConfig:
     if not isinstance(state_dir, str) or not state_dir:
         raise ConfigError(f"state_dir must be a directory path, got {state_dir!r}")
     flags = {}
-    for key, default in (("give_back", True), ("force_bind", False)):
+    for key, default in (("give_back", True), ("force_bind", False), ("fault_injection", False)):
         flags[key] = data.get(key, default)
         if not isinstance(flags[key], bool):
             raise ConfigError(f"{key} must be true or false, got {flags[key]!r}")

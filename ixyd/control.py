@@ -14,7 +14,10 @@ Threads: the server runs an asyncio loop in its own thread, `ixyd-control`. Hand
 called on that thread, one at a time, so they need no locking against each other, but
 they block every other client while they run: keep them quick (read published counters,
 flip a flag in shared memory) and never wait on a data-path worker. Data-path workers
-never wait on the server.
+never wait on the server. The clients' work takes turns on that thread (_FairTurns): one
+step (a line's decoding, one request) at a time, root and the daemon's user first, then
+round-robin by uid; connections, batches and unread replies are capped per client
+(docs/control.md "Framing and limits", "Fairness").
 """
 
 from __future__ import annotations
@@ -22,17 +25,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import grp
 import json
 import logging
+import math
 import os
 import pwd
 import re
 import socket
 import stat
 import struct
+import sys
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -48,7 +56,13 @@ SOCKET_MODE = 0o660  # like SocketMode=0660: the owner and the socket's group ma
 ACTIVATION_FD_NAME = "control"  # FileDescriptorName= in ixyd@.socket
 
 MAX_LINE = 64 * 1024  # bytes per request line, newline included
-MAX_CLIENTS = 64  # concurrent connections; more are refused with BUSY
+MAX_BATCH = 32  # requests in one batch line; a longer batch is refused whole (-32600)
+MAX_CLIENTS = 64  # concurrent connections in all; more are refused with BUSY
+RESERVED_CLIENTS = 8  # of MAX_CLIENTS, kept for root and the daemon's own uid
+MAX_CLIENTS_PER_UID = 16  # connections one uid other than root and the daemon's may hold
+MAX_UNSENT = 256 * 1024  # bytes of replies a client leaves unread before its lines wait
+LOG_BURST = 10  # log records about one uid's refused requests and connections ...
+LOG_INTERVAL = 10.0  # ... per this many seconds; the rest are counted, then summed up
 IDLE_TIMEOUT = 60.0  # seconds a client may take to send a complete line or read a reply
 LISTEN_BACKLOG = socket.SOMAXCONN
 STALE_PROBE_TIMEOUT = 1.0  # seconds to wait on connect() when probing an existing socket
@@ -203,8 +217,29 @@ def _is_type(value: Any, kind: type) -> bool:
 
 def _show(value: Any, limit: int = 40) -> str:
     """A value as JSON text for a message, cut to `limit` characters."""
-    text = json.dumps(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a number beyond ±1.8e308"  # what 1e999 decodes to: JSON has no infinity
+    try:
+        text = json.dumps(value)
+    except (ValueError, RecursionError):
+        return "(a value nested too deeply to show)"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _has_non_finite(value: Any) -> bool:
+    """Whether a decoded JSON value holds a number that overflowed to ±inf (1e999) anywhere.
+    Iterative: a decoded line may nest as deep as the decoder's recursion limit."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 @dataclass(frozen=True)
@@ -234,6 +269,10 @@ class Param:
         """What is wrong with `value` ("must be an integer, got \"x\""), or None."""
         if not _is_type(value, self.type):
             return f"must be {_TYPE_NAMES[self.type]}, got {_show(value)}"
+        if _has_non_finite(value):  # nothing a handler could do with it, nor send back
+            kind = _TYPE_NAMES[self.type]
+            what = "a finite number" if self.type is float else f"{kind} of finite numbers"
+            return f"must be {what}, got {_show(value)}"
         if self.choices is not None and value not in self.choices:
             allowed = ", ".join(_show(c) for c in self.choices)
             return f"must be one of {allowed}, got {_show(value)}"
@@ -287,9 +326,15 @@ class Peer:
 
 def peer_of(sock: socket.socket) -> Peer:
     """The credentials of a connected Unix socket's peer. Raises OSError if unavailable."""
-    pid, uid, gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    )
+    return _peer(*_credentials(sock))
+
+
+def _credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of a connected Unix socket's peer; OSError if unavailable."""
+    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+
+
+def _peer(pid: int, uid: int, gid: int) -> Peer:
     return Peer(pid, uid, gid, frozenset({gid}) | _supplementary_groups(pid, uid))
 
 
@@ -315,6 +360,9 @@ def _supplementary_groups(pid: int, uid: int) -> frozenset[int]:
     return frozenset(int(g) for g in fields.get("Groups", []) if g.isdigit())
 
 
+# Cached: refusals name users and groups, and a name service lookup (NSS: LDAP, sssd) on
+# the server thread for every refused request would let a client stall it.
+@functools.lru_cache(maxsize=256)
 def _user_name(uid: int) -> str:
     try:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
@@ -322,6 +370,7 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+@functools.lru_cache(maxsize=256)
 def _group_name(gid: int) -> str:
     try:
         return f"'{grp.getgrgid(gid).gr_name}' (gid {gid})"
@@ -376,14 +425,163 @@ def _encode(message: Any) -> bytes:
     return (json.dumps(message, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
+class _NotJson(ValueError):
+    """What the decoder's hooks raise: the message is for the client as it is."""
+
+
 def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
+    raise _NotJson(f"{name} is not JSON")
+
+
+def _decode(text: str) -> Any:
+    """A request line's JSON value. Raises _NotJson with a message for the client, naming
+    the problem in JSON's terms, never the decoder's internals."""
+    if text.startswith("\ufeff"):  # json.loads would suggest a Python codec
+        raise _NotJson("it starts with a byte order mark (U+FEFF); send UTF-8 without one")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _NotJson("it is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise _NotJson(f"{exc.msg} at character {exc.pos}") from None
+    except _NotJson:
+        raise
+    except ValueError:  # int() refused a literal over Python's digit cap (CVE-2020-10735)
+        limit = sys.get_int_max_str_digits()
+        raise _NotJson(f"an integer has more than {limit} digits") from None
 
 
 def _valid_id(request_id: Any) -> bool:
+    if isinstance(request_id, float):  # 1e999 decodes to inf, which no reply can carry
+        return math.isfinite(request_id)
     return request_id is None or (
-        isinstance(request_id, str | int | float) and not isinstance(request_id, bool)
+        isinstance(request_id, str | int) and not isinstance(request_id, bool)
     )
+
+
+class _LogBudget:
+    """Log records about what clients did (refused connections and requests, lines over
+    the limit), at most LOG_BURST per client uid every LOG_INTERVAL seconds: one line of a
+    batch used to log a warning per request in it. What is held back is counted and said
+    in one record once the interval is over. Used on the server thread only."""
+
+    def __init__(self, burst: int = LOG_BURST, interval: float = LOG_INTERVAL):
+        self.burst, self.interval = burst, interval
+        self._windows: dict[int, list] = {}  # uid -> [start (monotonic), logged, held back]
+
+    def log(self, uid: int, level: int, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        window = self._windows.get(uid)
+        if window is None or now - window[0] >= self.interval:
+            if window is not None:
+                self._sum_up(uid, window)
+            window = self._windows[uid] = [now, 0, 0]
+        if window[1] < self.burst:
+            window[1] += 1
+            log.log(level, message, *args)
+            return
+        window[2] += 1
+        if window[2] == 1:  # say it when the interval is over, even if the client stops
+            with contextlib.suppress(RuntimeError):  # no loop here (answer() in a test)
+                asyncio.get_running_loop().call_later(self.interval - (now - window[0]), self.flush)
+
+    def flush(self) -> None:
+        """Sum up the windows that are over; forget them."""
+        now = time.monotonic()
+        for uid, window in list(self._windows.items()):
+            if now - window[0] >= self.interval:
+                del self._windows[uid]
+                self._sum_up(uid, window)
+
+    def _sum_up(self, uid: int, window: list) -> None:
+        if window[2]:
+            log.warning(
+                "control: %d more records about uid %d not logged (at most %d per %g s)",
+                window[2],
+                uid,
+                self.burst,
+                self.interval,
+            )
+
+
+class _Job:
+    """The work one line of one connection asks for: `steps` does one unit per next() and
+    returns the reply; `done` gets it."""
+
+    __slots__ = ("steps", "done")
+
+    def __init__(self, steps: Generator[None, None, Any], done: asyncio.Future):
+        self.steps, self.done = steps, done
+
+    def step(self) -> bool:
+        """One unit of work; True when the job is finished (`done` is set)."""
+        try:
+            next(self.steps)
+        except StopIteration as end:
+            self.done.set_result(end.value)
+            return True
+        except BaseException as exc:  # a bug: the connection logs it and closes, the
+            self.done.set_exception(exc)  # turns go on for the others
+            return True
+        return False
+
+
+class _FairTurns:
+    """Runs the connections' work on the server thread, one step at a time and fairly:
+    the uids in `first` (root and the daemon's own: the operators) before the others,
+    round-robin over the uids that have work waiting, and for each uid over its
+    connections in turn. A step is one unit (decoding a line, one request of a batch);
+    after each, the loop goes back to its I/O. So an operator's request waits for at most
+    the step in progress, anyone else's for at most one step of every other uid with work
+    waiting; never for a whole batch, nor for the many connections one user may hold.
+    `steps`, `longest_step` (seconds, wall clock: includes time the thread was preempted)
+    and `longest_step_cpu` (the thread's CPU time: the work itself) tell what it did."""
+
+    def __init__(self, first: frozenset[int] = frozenset()) -> None:
+        self._first = first
+        self._waiting: dict[int, deque[_Job]] = {}  # uid -> its jobs, in turn order
+        self._wake = asyncio.Event()
+        self.steps = 0
+        self.longest_step = 0.0
+        self.longest_step_cpu = 0.0
+
+    async def run(self, uid: int, steps: Generator[None, None, Any]) -> Any:
+        """Run `steps` to its end in uid's turns; its return value. If the caller is
+        cancelled, the rest of the work is dropped."""
+        job = _Job(steps, asyncio.get_running_loop().create_future())
+        self._waiting.setdefault(uid, deque()).append(job)
+        self._wake.set()
+        try:
+            return await job.done
+        finally:
+            if not job.done.done() or job.done.cancelled():
+                steps.close()  # skipped from now on: its future is done
+
+    async def serve(self) -> None:
+        """Take turns until cancelled (the server closing)."""
+        while True:
+            if not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            # an operator's, else the uid whose turn came longest ago
+            uid = next((u for u in self._waiting if u in self._first), None)
+            if uid is None:
+                uid = next(iter(self._waiting))
+            jobs = self._waiting.pop(uid)
+            job = jobs.popleft()
+            if not job.done.done():  # else: cancelled while waiting
+                started, started_cpu = time.perf_counter(), time.thread_time()
+                finished = job.step()
+                self.longest_step = max(self.longest_step, time.perf_counter() - started)
+                cpu = time.thread_time() - started_cpu
+                self.longest_step_cpu = max(self.longest_step_cpu, cpu)
+                self.steps += 1
+                if not finished:
+                    jobs.append(job)  # after this uid's other connections
+            if jobs:
+                self._waiting[uid] = jobs  # re-inserted: last in the rotation
+            await asyncio.sleep(0)  # let the loop read and write between steps
 
 
 class ControlServer:
@@ -402,9 +600,14 @@ class ControlServer:
             server.serve()
             ...
 
-    Limits: `max_line` bytes per request line (longer: REQUEST_TOO_LARGE, then the
-    connection is closed), `max_clients` connections (more are answered BUSY and closed),
+    Limits (docs/control.md "Framing and limits", "Fairness"): `max_line` bytes per
+    request line, newline included (longer: REQUEST_TOO_LARGE, then the connection is
+    closed); `max_batch` requests per batch (more: INVALID_REQUEST); `max_clients`
+    connections, of which `reserved_clients` only root and the daemon's own uid may use,
+    and `max_clients_per_uid` for any other uid (more are answered BUSY and closed);
+    `max_unsent` bytes of unread replies per client before its next line waits;
     `idle_timeout` seconds to send a complete line or to take a reply (then closed).
+    The connections' work is done in turns (_FairTurns), one request at a time.
     """
 
     def __init__(
@@ -415,7 +618,11 @@ class ControlServer:
         socket_mode: int = SOCKET_MODE,
         socket_group: int | str | None = None,
         max_line: int = MAX_LINE,
+        max_batch: int = MAX_BATCH,
         max_clients: int = MAX_CLIENTS,
+        reserved_clients: int = RESERVED_CLIENTS,
+        max_clients_per_uid: int = MAX_CLIENTS_PER_UID,
+        max_unsent: int = MAX_UNSENT,
         idle_timeout: float = IDLE_TIMEOUT,
     ):
         if (path is None) == (listen_socket is None):
@@ -425,8 +632,14 @@ class ControlServer:
         self.path = path if path is not None else self._socket_file(listen_socket)
         self.socket_mode = socket_mode
         self.socket_group = socket_group
+        if not 0 <= reserved_clients < max_clients:
+            raise ValueError("reserved_clients must leave room for others in max_clients")
         self.max_line = max_line
+        self.max_batch = max_batch
         self.max_clients = max_clients
+        self.reserved_clients = reserved_clients
+        self.max_clients_per_uid = max_clients_per_uid
+        self.max_unsent = max_unsent
         self.idle_timeout = idle_timeout
         #: the gid whose members may call read-only methods (the socket file's group)
         self.socket_gid: int | None = None
@@ -437,7 +650,10 @@ class ControlServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Event | None = None
         self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}  # all, refused too
-        self._clients: set[asyncio.Task] = set()  # the connections being served
+        self._clients: dict[asyncio.Task, int] = {}  # the connections being served: uid
+        self._clients_of: dict[int, int] = {}  # uid -> its connections being served
+        self._turns: _FairTurns | None = None  # made on the server thread's loop
+        self._log_budget = _LogBudget()
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._closed = False
@@ -501,13 +717,23 @@ class ControlServer:
         when nothing is to be sent (notifications, blank lines). Never raises. A streaming
         method's stream is closed at once: there is no connection to stream on."""
         streams: list[Stream] = []
-        reply = self._respond(line, peer, streams)
-        for stream in streams:
-            stream._close()
-        return reply
+        steps = self._answer_steps(line, peer, streams)
+        try:
+            while True:
+                next(steps)
+        except StopIteration as end:
+            return end.value
+        finally:
+            for stream in streams:
+                stream._close()
 
-    def _respond(self, line: bytes, peer: Peer, streams: list[Stream]) -> bytes | None:
-        """answer(); a streaming method's Stream is appended to `streams`."""
+    def _answer_steps(
+        self, line: bytes, peer: Peer, streams: list[Stream]
+    ) -> Generator[None, None, bytes | None]:
+        """answer(), one unit of work per step (for _FairTurns): decoding the line (and
+        answering it if it is a single request), then each request of a batch; returns the
+        response line. A streaming method's Stream is
+        appended to `streams`."""
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -521,20 +747,56 @@ class ControlServer:
         if not text.strip():
             return None
         try:
-            message = json.loads(text, parse_constant=_reject_constant)
-        except RecursionError:
-            return _encode(_error(None, ErrorCode.PARSE_ERROR, "the request is nested too deeply"))
-        except ValueError as exc:
+            message = _decode(text)
+        except _NotJson as exc:
             return _encode(
                 _error(None, ErrorCode.PARSE_ERROR, f"the request is not valid JSON: {exc}")
             )
-        if isinstance(message, list):
-            if not message:
-                return _encode(_error(None, ErrorCode.INVALID_REQUEST, "the batch is empty"))
-            replies = [r for r in (self._answer_one(m, peer) for m in message) if r is not None]
-            return _encode(replies) if replies else None
-        reply = self._answer_one(message, peer, streams)
-        return _encode(reply) if reply is not None else None
+        if not isinstance(message, list):
+            return self._encode_reply(self._answer_safely(message, peer, streams))
+        if not message:
+            return _encode(_error(None, ErrorCode.INVALID_REQUEST, "the batch is empty"))
+        if len(message) > self.max_batch:
+            return _encode(
+                _error(
+                    None,
+                    ErrorCode.INVALID_REQUEST,
+                    f"a batch of {len(message)} requests; at most {self.max_batch} in one "
+                    "line: send the rest in another",
+                )
+            )
+        replies = []
+        for request in message:
+            yield  # decoding was a step; so is each request
+            reply = self._answer_safely(request, peer, None)
+            if reply is not None:
+                replies.append(reply)
+        return self._encode_reply(replies or None)
+
+    def _answer_safely(self, request: Any, peer: Peer, streams: list[Stream] | None) -> dict | None:
+        """_answer_one, with a bug in it turned into INTERNAL_ERROR rather than a lost
+        connection and an unanswered client."""
+        try:
+            return self._answer_one(request, peer, streams)
+        except Exception:
+            log.exception("control: answering a request of %s failed", peer)
+            return _error(
+                None, ErrorCode.INTERNAL_ERROR, "internal error; the ixyd log has the details"
+            )
+
+    @staticmethod
+    def _encode_reply(reply: Any) -> bytes | None:
+        if reply is None:
+            return None
+        try:
+            return _encode(reply)
+        except (TypeError, ValueError, RecursionError):  # checked before: a bug if it happens
+            log.exception("control: a reply could not be encoded")
+            return _encode(
+                _error(
+                    None, ErrorCode.INTERNAL_ERROR, "internal error; the ixyd log has the details"
+                )
+            )
 
     def _answer_one(
         self, request: Any, peer: Peer, streams: list[Stream] | None = None
@@ -546,7 +808,7 @@ class ControlServer:
         request_id = request.get("id")
         if not _valid_id(request_id):
             return _error(
-                None, ErrorCode.INVALID_REQUEST, "'id' must be a string, a number or null"
+                None, ErrorCode.INVALID_REQUEST, "'id' must be a string, a finite number or null"
             )
         if request.get("jsonrpc") != "2.0":
             return _error(request_id, ErrorCode.INVALID_REQUEST, "'jsonrpc' must be \"2.0\"")
@@ -563,7 +825,14 @@ class ControlServer:
             result = self._call(method, params, peer, None if notification else streams)
         except RpcError as exc:
             if notification:
-                log.info("control: notification '%s' from %s failed: %s", method, peer, exc)
+                self._log_budget.log(
+                    peer.uid,
+                    logging.INFO,
+                    "control: notification %s from %s failed: %s",
+                    _show(method),
+                    peer,
+                    exc,
+                )
                 return None
             data = exc.data
             try:
@@ -656,7 +925,9 @@ class ControlServer:
                 f"permission denied: '{method.name}' is for root, {owner} and {group}; "
                 f"you are {_user_name(peer.uid)}, groups {sorted(peer.groups)}"
             )
-        log.warning("control: refused '%s' to %s", method.name, peer)
+        self._log_budget.log(
+            peer.uid, logging.WARNING, "control: refused '%s' to %s", method.name, peer
+        )
         raise RpcError(ErrorCode.UNAUTHORIZED, message)
 
     # ------------------------------------------------------------------ life cycle
@@ -668,6 +939,15 @@ class ControlServer:
     def client_count(self) -> int:
         """Connections being served now."""
         return len(self._clients)
+
+    @property
+    def longest_step(self) -> tuple[float, float]:
+        """The longest one unit of a client's work (decoding a line, one request) has
+        held the server thread since start: (wall-clock seconds, the thread's CPU
+        seconds). What another client may wait per uid with work waiting (_FairTurns)."""
+        if self._turns is None:
+            return 0.0, 0.0
+        return self._turns.longest_step, self._turns.longest_step_cpu
 
     def serve(self) -> None:
         """Start serving on the server thread; return once the socket accepts connections.
@@ -839,10 +1119,14 @@ class ControlServer:
         self._closing = asyncio.Event()
         if self._closed:  # close() came before the loop ran
             return
+        self._turns = _FairTurns(first=frozenset({ROOT_UID, self._owner_uid}))
+        turns = asyncio.ensure_future(self._turns.serve())
         server = await asyncio.start_unix_server(
             self._client_connected,
             sock=self._listen_socket,
-            limit=self.max_line,
+            # readline() takes a separator found at index `limit` (a line of limit + 1
+            # bytes): one less makes max_line the whole line's bytes, newline included
+            limit=self.max_line - 1,
             backlog=LISTEN_BACKLOG,
         )
         self._ready.set()
@@ -851,6 +1135,8 @@ class ControlServer:
         finally:
             server.close()
             await self._end_connections()
+            turns.cancel()
+            self._log_budget.flush()
 
     async def _end_connections(self) -> None:
         """Cancel every connection; abort those still open after CLOSE_TIMEOUT."""
@@ -873,51 +1159,92 @@ class ControlServer:
         assert task is not None
         self._connections[task] = writer
         try:
-            if len(self._clients) >= self.max_clients:
-                log.warning(
-                    "control: refused a connection: %d clients, the limit", len(self._clients)
-                )
-                writer.write(
-                    _encode(
-                        _error(
-                            None,
-                            ErrorCode.BUSY,
-                            f"too many clients ({len(self._clients)} connected, the limit); "
-                            "try again later",
-                        )
-                    )
+            try:
+                pid, uid, gid = _credentials(writer.get_extra_info("socket"))
+            except OSError as exc:
+                self._log_budget.log(
+                    -1, logging.INFO, "control: dropping a connection without credentials: %s", exc
                 )
                 return
-            self._clients.add(task)
-            await self._converse(reader, writer)
+            refusal = self._admission_refusal(uid)
+            if refusal is not None:
+                self._log_budget.log(
+                    uid,
+                    logging.WARNING,
+                    "control: refused a connection of pid %d uid %d: %s",
+                    pid,
+                    uid,
+                    refusal,
+                )
+                writer.write(_encode(_error(None, ErrorCode.BUSY, f"{refusal}; try again later")))
+                return
+            self._clients[task] = uid
+            self._clients_of[uid] = self._clients_of.get(uid, 0) + 1
+            await self._converse(reader, writer, _peer(pid, uid, gid))
         except asyncio.CancelledError:
             pass  # the server is closing
         except Exception:
             log.exception("control: a connection failed")
         finally:
-            self._clients.discard(task)
+            uid = self._clients.pop(task, None)
+            if uid is not None:
+                self._clients_of[uid] -= 1
+                if not self._clients_of[uid]:
+                    del self._clients_of[uid]
             await self._close_connection(writer)
             del self._connections[task]
 
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _admission_refusal(self, uid: int) -> str | None:
+        """Why a new connection of `uid` is refused, or None. Root and the daemon's own
+        uid may use every slot; the others share all but `reserved_clients` of them, at
+        most `max_clients_per_uid` each, so that no group member can lock root out."""
+        total = len(self._clients)
+        if total >= self.max_clients:
+            return f"too many clients ({total} connected, the limit)"
+        if uid in (ROOT_UID, self._owner_uid):
+            return None
+        others = sum(n for u, n in self._clients_of.items() if u not in (ROOT_UID, self._owner_uid))
+        shared = self.max_clients - self.reserved_clients
+        if others >= shared:
+            return (
+                f"too many clients ({others} connections of users other than root and the "
+                f"daemon's, the limit)"
+            )
+        mine = self._clients_of.get(uid, 0)
+        if mine >= self.max_clients_per_uid:
+            return f"too many connections of uid {uid} ({mine}, the limit per user)"
+        return None
+
+    async def _converse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
+    ) -> None:
         # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
         # that arrives as its inner task finishes (gh-86296), and close() would hang.
-        try:
-            peer = peer_of(writer.get_extra_info("socket"))
-        except OSError as exc:
-            log.info("control: dropping a connection without credentials: %s", exc)
-            return
+        # drain() waits while more than max_unsent bytes of replies are unsent (and until
+        # a quarter of that is left): only then is the client's next line read and worked on
+        writer.transport.set_write_buffer_limits(high=self.max_unsent)
+        assert self._turns is not None
         while True:
             try:
                 async with asyncio.timeout(self.idle_timeout):
                     line = await reader.readline()
             except TimeoutError:
-                log.info(
-                    "control: closing the connection of %s: idle %g s", peer, self.idle_timeout
+                self._log_budget.log(
+                    peer.uid,
+                    logging.INFO,
+                    "control: closing the connection of %s: idle %g s",
+                    peer,
+                    self.idle_timeout,
                 )
                 return
             except ValueError:  # the line outgrew the StreamReader limit
-                log.warning("control: %s sent a line over %d bytes; closing", peer, self.max_line)
+                self._log_budget.log(
+                    peer.uid,
+                    logging.WARNING,
+                    "control: %s sent a line over %d bytes; closing",
+                    peer,
+                    self.max_line,
+                )
                 await self._refuse_oversized(reader, writer)
                 return
             except OSError:  # reset by the peer
@@ -925,15 +1252,20 @@ class ControlServer:
             if not line:
                 return
             streams: list[Stream] = []
-            reply = self._respond(line, peer, streams)
             try:
+                reply = await self._turns.run(peer.uid, self._answer_steps(line, peer, streams))
                 if reply is not None:
                     writer.write(reply)
                     try:
                         async with asyncio.timeout(self.idle_timeout):
                             await writer.drain()
                     except TimeoutError:
-                        log.info("control: closing the connection of %s: it reads no replies", peer)
+                        self._log_budget.log(
+                            peer.uid,
+                            logging.INFO,
+                            "control: closing the connection of %s: it reads no replies",
+                            peer,
+                        )
                         writer.transport.abort()  # its unread replies would never drain
                         return
                     except OSError:

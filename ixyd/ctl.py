@@ -652,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
         "debug",
         "test aids, not for production: `stall-worker` makes a worker hang (its loop spins "
         "without polling), so that the systemd watchdog restarts the instance; `remove-port` "
-        "unplugs a model port (its NIC reads all-ones)",
+        "unplugs a model port (its NIC reads all-ones); only for an instance configured "
+        "with fault_injection = true",
     )
     debug.add_argument("fault", choices=("stall-worker", "remove-port"))
     debug.add_argument("--worker", type=int, default=0, metavar="N", help="worker number (0)")
@@ -849,8 +850,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CtlError as exc:
         return _report(exc, args, path)
     except RemoteError as exc:
+        if args.command == "debug" and exc.code == ErrorCode.METHOD_NOT_FOUND:
+            exc.message = (
+                f"{args.who} has fault injection off: set fault_injection = true in its "
+                "configuration and restart it (a test aid, never for production)"
+            )
         print(f"ixyd-ctl: {exc.message}", file=sys.stderr)
         return EXIT_PERMISSION if exc.code == ErrorCode.UNAUTHORIZED else EXIT_ERROR
+    warnings = result.get("warnings") if isinstance(result, dict) else None
+    for warning in warnings if isinstance(warnings, list) else ():
+        print(f"ixyd-ctl: warning: {warning}", file=sys.stderr)  # e.g. a change not saved
     try:
         print(json.dumps(result, indent=2) if as_json else render(result, args))
         sys.stdout.flush()

@@ -22,6 +22,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import gc
 import importlib.util
 import logging
 import os
@@ -336,7 +337,15 @@ class Instance:
             "inject_fault": self.rpc_inject_fault,
             "capture": self.rpc_capture,
         }
+        if self.config.fault_injection:
+            log.warning(
+                "fault injection is on (fault_injection = true): a test aid, not for production"
+            )
+        else:  # off: the method does not exist (docs/control.md, inject_fault)
+            del handlers["inject_fault"]
         for name, spec in IXYD_METHODS.items():
+            if name not in handlers:
+                continue
             server.register(
                 name,
                 handlers[name],
@@ -656,8 +665,8 @@ class Instance:
         p = self._find(port)
         forward = Forward.parse({"mode": mode, **args}, "set_forward")
         with self._change():
-            self._set_forward(p, forward)
-        return {"name": p.name, "forward": p.forward.to_json()}
+            unsaved = self._set_forward(p, forward)
+        return _with_warning({"name": p.name, "forward": p.forward.to_json()}, unsaved)
 
     @contextlib.contextmanager
     def _change(self):
@@ -673,13 +682,14 @@ class Instance:
         finally:
             self._changes.release()
 
-    def _set_forward(self, p: ServicePort, forward: Forward) -> None:
+    def _set_forward(self, p: ServicePort, forward: Forward) -> str | None:
+        """Apply and persist; a warning if it could not be persisted (see _persist)."""
         self._check_target(p, forward)
         if forward.mode == "port":
             forward = dataclasses.replace(forward, to=self._find(forward.to).name)
         self._apply_forward(p, forward)
         log.info("%s: forwarding now %s", p.name, forward.to_json(), extra={"DEVICE": p.name})
-        self._persist(p.name, forward=forward.to_json())
+        return self._persist(p.name, forward=forward.to_json())
 
     def rpc_reset_stats(self, port: str | None = None) -> dict:
         selected = self._selected(port)
@@ -695,8 +705,8 @@ class Instance:
             except DeviceRemovedError as exc:
                 self._gone(p, exc)
                 raise
-            self._persist(p.name, promisc=on)
-        return {"name": p.name, "promisc": p.driver.promisc}
+            unsaved = self._persist(p.name, promisc=on)
+        return _with_warning({"name": p.name, "promisc": p.driver.promisc}, unsaved)
 
     def rpc_capture(
         self, port: str, count: int = 0, duration: float = 0.0, snaplen: int | None = None
@@ -793,11 +803,19 @@ class Instance:
         target.stall()
         return {"fault": fault, "worker": target.name}
 
-    def _persist(self, port: str, **settings: Any) -> None:
+    def _persist(self, port: str, **settings: Any) -> str | None:
+        """Record a change in the state file; if that fails (the state directory full or
+        read-only), log it and return a warning for the caller: the change is in effect,
+        only its survival of a restart is at stake."""
         try:
             self.store.update(port, **settings)
-        except OSError as exc:  # the change is in effect; only its survival is at stake
+        except OSError as exc:
             log.error("cannot write the state file %s: %s", self.store.path, exc)
+            return (
+                f"{port}: the change is in effect but not saved: cannot write "
+                f"{self.store.path} ({exc.strerror or exc}); a restart will undo it"
+            )
+        return None
 
     # ------------------------------------------------------------------ running
     def run(self) -> None:
@@ -976,6 +994,22 @@ def _quietly(action, what: str) -> None:
         log.exception("%s failed", what)
 
 
+def freeze_startup_objects() -> None:
+    """Collect garbage, then leave every object alive now out of Python's cyclic garbage
+    collection (gc.freeze, Python docs "gc"): what start() made lives as long as the
+    process, and full collections scanning it again and again each held the control
+    thread for 16 ms and more (docs/control.md "Fairness"). Later objects are collected as
+    usual."""
+    gc.collect()
+    gc.freeze()
+
+
+def _with_warning(result: dict, warning: str | None) -> dict:
+    """A method's result with `warning` in its "warnings" list (docs/control.md: a change
+    that took effect with a caveat; ixyd-ctl prints each on stderr)."""
+    return {**result, "warnings": [warning]} if warning else result
+
+
 def _driver_class(dev) -> type[IntelPort]:
     """The driver for a function, by its device ID (drivers.selection.driver_for)."""
     return driver_for(dev.address, dev.ids)
@@ -1061,6 +1095,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, lambda *_: instance.reload_requested.set())
     try:
         instance.start()
+        freeze_startup_objects()
     except (ConfigError, UnsupportedDeviceError) as exc:  # the same device fails the same way
         log.error("configuration: %s", exc)
         notifier.status(f"configuration refused: {exc}")

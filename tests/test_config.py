@@ -82,3 +82,11 @@ def test_the_example_file_loads_and_documents_every_key():
     keys = cfg._TOP_KEYS | cfg._PORT_KEYS | cfg._TRAFFIC_KEYS
     missing = sorted(keys - documented - {"port", "model_traffic"})
     assert not missing, f"keys not documented in {example}: {missing}"
+
+
+def test_fault_injection_is_off_unless_set_to_true():
+    assert config({"address": "lab.0"}).fault_injection is False
+    on = build({"instance": "t", "fault_injection": True, "port": [{"address": "lab.0"}]}, None)
+    assert on.fault_injection is True
+    with pytest.raises(ConfigError, match="fault_injection must be true or false, got 'yes'"):
+        build({"instance": "t", "fault_injection": "yes", "port": [{"address": "lab.0"}]}, None)

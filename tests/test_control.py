@@ -5,6 +5,7 @@ through an inherited fd, and what happens to socket files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from hosttools import NOBODY, run_as
 
 from ixyd.activation import ActivationError, _listen_fds_from_environment
 from ixyd.control import (
+    LOG_BURST,
     ControlError,
     ControlServer,
     ErrorCode,
@@ -90,6 +92,7 @@ def register_test_methods(server: ControlServer, calls: Calls) -> None:
         return {"when": object()}
 
     def slow(seconds):
+        calls.record("slow", seconds=seconds)
         time.sleep(seconds)
         return seconds
 
@@ -251,6 +254,75 @@ def test_json_the_decoder_chokes_on_is_a_parse_error(serve, line):
     client.send(line)
     assert error_of(client.reply())["code"] == ErrorCode.PARSE_ERROR
     assert client.call("echo", {"text": "ok"})["result"] == {"text": "ok"}
+
+
+def test_an_id_that_overflows_to_infinity_is_refused_before_the_method_runs(serve, calls):
+    """1e999 is valid JSON but no number a reply can carry: the change must not happen
+    unanswered (it used to: the reply failed to encode after the handler ran)."""
+    client = Client(serve().path)
+    for id_text in ("1e999", "-1e999"):
+        client.send(
+            b'{"jsonrpc": "2.0", "id": %s, "method": "set_mode", "params": {"mode": "drop"}}\n'
+            % id_text.encode()
+        )
+        reply = client.reply()
+        assert reply["id"] is None
+        assert error_of(reply)["code"] == ErrorCode.INVALID_REQUEST
+        assert "'id' must be a string, a finite number or null" in error_of(reply)["message"]
+    client.send(
+        b'[{"jsonrpc": "2.0", "id": 1e999, "method": "set_mode", "params": {"mode": "drop"}}]\n'
+    )
+    assert error_of(client.reply()[0])["code"] == ErrorCode.INVALID_REQUEST
+    assert calls.log == []
+    assert client.call("set_mode", {"mode": "drop"})["result"] == {"mode": "drop"}
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "1E400"])
+def test_a_parameter_that_overflows_to_infinity_is_invalid_params(serve, calls, number):
+    client = Client(serve().path)
+    client.send(
+        b'{"jsonrpc": "2.0", "id": 7, "method": "slow", "params": {"seconds": %s}}\n'
+        % number.encode()
+    )
+    reply = client.reply()
+    assert reply["id"] == 7
+    error = error_of(reply)
+    assert error["code"] == ErrorCode.INVALID_PARAMS and error["data"] == {"param": "seconds"}
+    assert "'seconds' must be a finite number, got a number beyond" in error["message"]
+    assert calls.log == []
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        (b'\xef\xbb\xbf{"jsonrpc": "2.0", "id": 1, "method": "tick"}\n', "byte order mark"),
+        (b'{"jsonrpc": "2.0", "id": ' + b"9" * 5000 + b', "method": "tick"}\n', "digits"),
+        (b'{"jsonrpc": "2.0", "id": 1, "method": "tick"} x\n', "Extra data at character"),
+    ],
+    ids=["bom", "huge-integer", "extra-data"],
+)
+def test_parse_errors_speak_json_not_python(serve, line, words):
+    client = Client(serve().path)
+    client.send(line)
+    error = error_of(client.reply())
+    assert error["code"] == ErrorCode.PARSE_ERROR
+    assert words in error["message"]
+    for internal in ("utf-8-sig", "sys.", "set_int_max_str_digits", "Exceeds the limit"):
+        assert internal not in error["message"]
+
+
+def test_the_line_limit_counts_the_newline(serve):
+    server = serve(max_line=4096)
+    head = b'{"jsonrpc": "2.0", "id": 1, "method": "echo", "params": {"text": "'
+    tail = b'"}}\n'
+    exact = head + b"x" * (4096 - len(head) - len(tail)) + tail
+    assert len(exact) == 4096
+    client = Client(server.path)
+    client.send(exact)
+    assert "result" in client.reply()
+    client.send(exact[:-4] + b'x"}}\n')  # 4097 bytes
+    assert error_of(client.reply())["code"] == ErrorCode.REQUEST_TOO_LARGE
+    assert client.closed_by_server()
 
 
 @pytest.mark.parametrize(
@@ -511,7 +583,7 @@ def test_clients_that_connect_and_vanish_do_not_disturb_the_server(serve, caplog
 
 
 def test_clients_beyond_the_limit_are_refused_busy_and_the_rest_keep_working(serve):
-    server = serve(max_clients=4)
+    server = serve(max_clients=4, reserved_clients=1)
     holders = [Client(server.path) for _ in range(4)]
     for holder in holders:  # each has been accepted and counted
         assert holder.call("echo", {"text": "in"})["result"] == {"text": "in"}
@@ -654,6 +726,183 @@ def test_the_daemons_own_user_may_change_and_other_users_may_not(run_dir, calls)
         os.close(ready_r)
     assert os.waitstatus_to_exitcode(status) == 0
     assert not os.path.exists(path)
+
+
+# ---------------------------------------------------------------------------- fairness
+@contextlib.contextmanager
+def connections_held_by(uid, groups, path, count):
+    """A child forked as `uid` (gid nobody, supplementary `groups`) opens `count`
+    connections one after the other and holds them until the block ends; yields what it
+    saw: {"served": connections that answered a call, "refused": the BUSY messages}."""
+    report_r, report_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(report_r)
+            os.close(release_w)
+            os.setgroups(list(groups))
+            os.setgid(NOBODY)
+            os.setuid(uid)
+            served, refused, held = 0, [], []
+            for _ in range(count):
+                client = Client(path, timeout=30)
+                with contextlib.suppress(BrokenPipeError):  # refused: closed already
+                    client.send(
+                        b'{"jsonrpc": "2.0", "id": 1, "method": "echo", "params": {"text": "in"}}\n'
+                    )
+                reply = client.reply()  # a refused connection's BUSY line is there to read
+                if "result" in reply:
+                    served += 1
+                    held.append(client)
+                else:
+                    refused.append(reply["error"])
+            os.write(report_w, json.dumps({"served": served, "refused": refused}).encode())
+            os.close(report_w)
+            os.read(release_r, 1)  # until the test closes its end
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    os.close(release_r)
+    try:
+        with os.fdopen(report_r, "rb") as report:
+            data = report.read()
+        assert data, "the child holding connections failed"
+        yield json.loads(data)
+    finally:
+        os.close(release_w)
+        os.waitpid(pid, 0)
+
+
+GROUP_MEMBERS = (NOBODY, OTHER_UID, OTHER_UID + 1, OTHER_UID + 2)  # all in OPS_GID
+
+
+@needs_root
+def test_group_members_holding_every_slot_they_may_never_lock_out_root(serve):
+    """Each uid other than root and the daemon's gets at most 16 connections, and all of
+    them together 56 of the 64: four group members taking all they can leave root 8."""
+    server = serve(socket_mode=0o666, socket_group=OPS_GID)
+    with contextlib.ExitStack() as held:
+        seen = [
+            held.enter_context(connections_held_by(uid, [OPS_GID], server.path, 20))
+            for uid in GROUP_MEMBERS
+        ]
+        assert [s["served"] for s in seen] == [16, 16, 16, 8]
+        assert [len(s["refused"]) for s in seen] == [4, 4, 4, 12]
+        per_user = seen[0]["refused"][0]
+        assert per_user["code"] == ErrorCode.BUSY
+        assert "too many connections of uid 65534 (16, the limit per user)" in per_user["message"]
+        shared = seen[3]["refused"][0]["message"]
+        assert "56 connections of users other than root and the daemon's" in shared
+        roots = [Client(server.path) for _ in range(8)]
+        for client in roots:
+            assert client.call("echo", {"text": "root"})["result"] == {"text": "root"}
+        assert server.client_count == 64
+        refused = Client(server.path).reply()  # now even root: every slot is taken
+        assert "too many clients (64 connected, the limit)" in error_of(refused)["message"]
+        roots.pop().close()
+        wait_until(lambda: server.client_count == 63, what="root's slot to free")
+        assert Client(server.path).call("echo", {"text": "again"})["result"] == {"text": "again"}
+
+
+def test_a_batch_over_the_limit_is_refused_whole_before_any_request_runs(serve, calls):
+    client = Client(serve(max_batch=4).path)
+    batch = [
+        {"jsonrpc": "2.0", "id": i, "method": "echo", "params": {"text": str(i)}} for i in range(5)
+    ]
+    error = error_of(client.request(batch))
+    assert error["code"] == ErrorCode.INVALID_REQUEST
+    assert "a batch of 5 requests; at most 4 in one line" in error["message"]
+    assert calls.log == []
+    assert [r["result"] for r in client.request(batch[:4])] == [{"text": str(i)} for i in range(4)]
+
+
+@needs_root
+def test_a_batch_of_slow_calls_takes_turns_with_another_users_request(serve, calls):
+    """A group member's batch of 32 calls of 50 ms each: root's call, sent while the batch
+    runs, is answered between two of its calls, not after the whole batch (1.6 s)."""
+    server = serve(socket_mode=0o666, socket_group=OPS_GID)
+    batch = [
+        {"jsonrpc": "2.0", "id": i, "method": "slow", "params": {"seconds": 0.05}}
+        for i in range(32)
+    ]
+
+    def flood():
+        client = Client(server.path, timeout=60)
+        return len(client.request(batch))
+
+    member = threading.Thread(target=run_as, args=(NOBODY, NOBODY, [OPS_GID], flood))
+    member.start()
+    try:
+        wait_until(lambda: calls.log, 20, "the batch to run")
+        assert Client(server.path).call("echo", {"text": "root"})["result"] == {"text": "root"}
+    finally:
+        member.join(60)
+    names = [name for name, _ in calls.log]
+    assert names.count("slow") == 32
+    assert names.index("echo") < 31, f"root waited for the whole batch: {names}"
+
+
+def test_replies_a_client_leaves_unread_stay_bounded(serve):
+    """A client that sends batch after batch and reads nothing: its work stops once
+    max_unsent bytes of replies wait for it; the server holds no more than that and one
+    reply line (a batch of at most max_batch results), however much it sends."""
+    server = serve(max_unsent=64 * 1024, idle_timeout=30)
+    hog = Client(server.path)
+    big = {"text": "x" * 40, "times": 100}  # a 4 kB result
+    lines = [
+        json.dumps([{"jsonrpc": "2.0", "id": i, "method": "echo", "params": big}] * n).encode()
+        + b"\n"
+        for i, n in enumerate((500, 32))  # over the batch limit (as the attack was), at it
+    ]
+    assert len(lines[0]) < server.max_line
+    stuck = threading.Event()
+
+    def flood():
+        hog.sock.settimeout(2)
+        try:
+            for _ in range(10_000):
+                for line in lines:
+                    hog.send(line)
+        except (TimeoutError, OSError):
+            stuck.set()  # the server stopped reading: the socket buffers are full
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    flooder.join(60)
+    assert stuck.is_set(), "the server kept reading from a client that reads nothing"
+    (writer,) = server._connections.values()
+    unsent = writer.transport.get_write_buffer_size()
+    assert unsent <= 64 * 1024 + 32 * 4100, unsent
+    assert Client(server.path).call("echo", {"text": "x"})["result"] == {"text": "x"}
+
+
+@needs_root
+def test_refused_requests_are_logged_at_most_a_burst_per_interval(serve, caplog):
+    """One line of 32 requests nobody may make, and 40 refused connections: at most
+    LOG_BURST records for the uid, and one more that counts the rest."""
+    server = serve(socket_mode=0o666, socket_group=OPS_GID, max_clients_per_uid=1)
+    server._log_budget.interval = 3.0  # the default 10 s, shortened for the test
+    batch = [{"jsonrpc": "2.0", "id": 1, "method": "set_mode", "params": {"mode": "drop"}}] * 32
+
+    def attack():
+        holder = Client(server.path)
+        refused = [Client(server.path).reply()["error"]["code"] for _ in range(40)]
+        return refused, [r["error"]["code"] for r in holder.request(batch)]
+
+    with caplog.at_level(logging.INFO, logger="ixyd.control"):
+        refused, answers = run_as(NOBODY, NOBODY, [OPS_GID], attack)
+        assert refused == [ErrorCode.BUSY] * 40 and answers == [ErrorCode.UNAUTHORIZED] * 32
+        wait_until(
+            lambda: any("not logged" in r.getMessage() for r in caplog.records),
+            10,
+            "the sum of what was held back",
+        )
+    about = [r.getMessage() for r in caplog.records if "65534" in r.getMessage()]
+    assert len(about) == LOG_BURST + 1, about
+    assert f"{72 - LOG_BURST} more records about uid 65534 not logged" in about[-1]
 
 
 # ---------------------------------------------------------------------------- socket files

@@ -74,12 +74,30 @@ pool_size = 256
 """
 
 
-@pytest.fixture(params=[["--demo", "--demo-rate", "1000"]])
+# The demo's two ports, with inject_fault served (the stall test needs it)
+FAULTY_DEMO_CONFIG = """\
+fault_injection = true
+
+[[port]]
+address = "demo.0"
+forward = {mode = "port", to = "demo.1"}
+
+[[port]]
+address = "demo.1"
+forward = {mode = "port", to = "demo.0"}
+
+[model_traffic]
+rate = 1000
+"""
+
+
+@pytest.fixture(params=[["demo", "--config", "{dir}/demo.toml"]])
 def notified_daemon(request):
     """An ixyd started as systemd would with Type=notify and WatchdogSec=1.5s (params:
     its command line; {dir} stands for its directory)."""
     directory = tempfile.mkdtemp(prefix="ixyd-sd-")
     Path(directory, "card.toml").write_text(MODEL_CONFIG)
+    Path(directory, "demo.toml").write_text(FAULTY_DEMO_CONFIG)
     notify = NotifySocket(os.path.join(directory, "notify"))
     env = {
         **os.environ,

@@ -63,6 +63,7 @@ METRICS = "127.0.0.1:19911"
 # memlock limit the build machines impose (LimitMEMLOCK=infinity is clamped in nspawn).
 INSTANCE_CONFIG = f"""\
 metrics = "{METRICS}"
+fault_injection = true  # the watchdog and removal tests use inject_fault
 
 [[port]]
 address = "card.0"
