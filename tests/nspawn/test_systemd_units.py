@@ -317,8 +317,14 @@ def test_tap_mode_needs_the_tap_drop_in_and_works_with_it(container):
         container.run(["/opt/ixyd/bin/ixyd-host", "install", "--tap"])
         container.run(["systemctl", "restart", SERVICE], timeout=60)
         assert ctl(container, "set-forward", "card.1", "tap", "ixyd0").returncode == 0
-        container.run(["ip", "link", "show", "ixyd0"])
+        index = container.run(["cat", "/sys/class/net/ixyd0/ifindex"]).stdout
+        # the TAP outlives a switch to another mode and back (its kernel peer stays set
+        # up), and goes with the instance
         ctl(container, "set-forward", "card.1", "port", "card.0")
+        assert container.run(["cat", "/sys/class/net/ixyd0/ifindex"]).stdout == index
+        assert ctl(container, "set-forward", "card.1", "tap", "ixyd0").returncode == 0
+        assert container.run(["cat", "/sys/class/net/ixyd0/ifindex"]).stdout == index
+        container.run(["systemctl", "stop", SERVICE], timeout=60)
         assert container.run(["ip", "link", "show", "ixyd0"], check=False).returncode != 0
     finally:
         container.run(["/opt/ixyd/bin/ixyd-host", "install"])
@@ -495,6 +501,7 @@ def test_a_daemon_systemd_cannot_start_does_not_keep_the_nics(container, other_i
 
 
 OTHER_CONFIG = (
+    f'metrics = "{OTHER_METRICS}"\n'
     '[[port]]\naddress = "other.0"\nrx_ring = 64\ntx_ring = 64\npool_size = 256\n'
     'forward = "reflect"\n'
 )
