@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """How long root waits for `status` while read-only group members flood the control
-socket, against the same instance unflooded (issue 12, item A2).
+socket, against the same instance unflooded.
 
     .venv/bin/python benchmarks/control_fairness.py               # 10 pairs of windows
     .venv/bin/python benchmarks/control_fairness.py --pairs 4 --probes 30

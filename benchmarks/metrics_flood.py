@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What a flood of slow clients on the metrics port does to a running ixyd (issue 12, A1).
+"""What a flood of slow clients on the metrics port does to a running ixyd.
 
     sudo .venv/bin/python benchmarks/metrics_flood.py                 # 2,000 clients, 30 s
     sudo .venv/bin/python benchmarks/metrics_flood.py --clients 500 --seconds 10

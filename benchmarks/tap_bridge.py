@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How fast the TAP bridge takes frames from a kernel sender, against how fast the worker
-forwards: issue 12 D16's "the bridge keeps up with a kernel sender at the rate the worker
-can forward". Needs root and /dev/net/tun; makes its own network namespace.
+forwards: does the bridge keep up with a kernel sender at the rate the worker can
+forward? Needs root and /dev/net/tun; makes its own network namespace.
 
     .venv/bin/python benchmarks/tap_bridge.py              # about 30 s
     .venv/bin/python benchmarks/tap_bridge.py --seconds 1 --windows 3

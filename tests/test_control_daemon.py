@@ -1,4 +1,4 @@
-"""The control socket of a real `ixyd` process (issue 12): what its configuration and its
+"""The control socket of a real `ixyd` process: what its configuration and its
 state directory change about what callers may do and are told. Needs root (a mount
 namespace for the state directory)."""
 

@@ -439,7 +439,7 @@ _spec.loader.exec_module(metrics_flood)
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runs the clients as nobody)")
 def test_slow_clients_of_another_user_starve_neither_control_nor_watchdog(run_dir):
-    """Issue 12, A1: 2,000 slow connections from user nobody to the metrics port of a real
+    """2,000 slow connections from user nobody to the metrics port of a real
     daemon with the default soft limit of 1024 open files, a watchdog and systemd's part
     played by the test: the status call answers throughout, WATCHDOG=1 keeps coming, the
     daemon's descriptors and threads stay bounded, and scrapes still get through."""
@@ -492,7 +492,7 @@ def test_a_request_trickled_in_is_cut_off_at_its_deadline_not_per_byte():
 
 # ---------------------------------------------------------------------------- a taken port, by hand
 def test_a_configured_port_another_user_holds_fails_the_daemon_naming_them(run_dir):
-    """Issue 12, A5 by hand: the port is held by user nobody; `ixyd --metrics` on it exits
+    """By hand: the port is held by user nobody; `ixyd --metrics` on it exits
     1 at start with the reason and who holds the port, instead of running on."""
     if os.geteuid() != 0:
         pytest.skip("needs root (binds the port as nobody)")

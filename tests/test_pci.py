@@ -389,7 +389,7 @@ def test_bind_refuses_a_nic_whose_interface_is_in_use_then_takes_it_down(sysfs, 
 
 
 # ------------------------------------------------------------------ stacked and moved interfaces
-# Real interfaces in namespaces of this test's own (issue 12, item 10). The kernel here has
+# Real interfaces in namespaces of this test's own. The kernel here has
 # veth, bridge and macvlan; VLAN and bond lowers, and a NIC's own interface moved into
 # another namespace, are shown with igb in the guest (tests/vm/test_netdev_in_use_guest.py).
 def _ip(*args: str) -> None:

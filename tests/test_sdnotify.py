@@ -262,7 +262,7 @@ def test_status_text_names_link_and_rates():
 
 
 def test_a_failed_watchdog_ping_is_logged_as_an_error_once(tmp_path, caplog):
-    """Issue 12, A1: a WATCHDOG=1 that cannot be sent gets the instance killed, so it is an
+    """A WATCHDOG=1 that cannot be sent gets the instance killed, so it is an
     error in the log (once per kind of message while sending fails), and so is the
     recovery."""
     path = str(tmp_path / "notify")
@@ -300,7 +300,7 @@ notifier.watchdog()
 
 
 def test_the_watchdog_ping_needs_no_free_descriptor(tmp_path):
-    """Issue 12, A1: with every descriptor in use (what a flood of connections did), the
+    """With every descriptor in use (what a flood of connections did), the
     ping still reaches systemd: the notify socket was opened once at start."""
     listener = NotifySocket(str(tmp_path / "notify"))
     env = {**os.environ, "NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "3000000"}

@@ -448,7 +448,7 @@ def link_of(netns: str, ifname: str) -> dict:
 def test_tap_survives_mode_switches_with_its_namespace_addresses_and_mtu(
     run_dir, daemons, namespaces
 ):
-    """Issue 12 D15. demo.0's TAP is placed by ixyd itself (--netns, --address, --mtu);
+    """demo.0's TAP is placed by ixyd itself (--netns, --address, --mtu);
     demo.1's the way an administrator did it before (created by ixyd, then moved and
     addressed by hand). Ping crosses both; each port switches out of tap mode and back;
     ping again at once: every echo answered, both TAPs the same interfaces as before, in
@@ -534,7 +534,7 @@ def metric_samples(port: int) -> dict[tuple[str, tuple], float]:
 def test_a_kernel_flood_that_overruns_the_bridge_is_accounted_for_exactly(
     run_dir, daemons, namespaces
 ):
-    """Issue 12 D16. A sender in the TAP's namespace floods it with frames for the wire,
+    """A sender in the TAP's namespace floods it with frames for the wire,
     faster than the bridge and worker take them (the TAP's kernel queue is cut to 16
     frames so that the flood surely overruns it). Every frame sent is either forwarded
     or dropped under a reason, in `ixyd-ctl stats` and in the metrics, exactly."""

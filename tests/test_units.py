@@ -382,7 +382,7 @@ def test_prepare_reports_a_bad_configuration_with_exit_2(host, caplog):
     assert "port[0].address is required" in caplog.text
 
 
-# ---------------------------------------------------------------------------- issue 12: trust
+# ---------------------------------------------------------------------------- operational trust
 OTHER = "0000:05:00.0"
 
 

@@ -1,5 +1,5 @@
 """The unit's root lines (ExecStartPre=+ prepare, ExecStopPost=+ release) under systemd 252
-are not steered by what user ixyd controls (issue 12, item 7).
+are not steered by what user ixyd controls.
 
 systemd gives "+" lines the environment of User=ixyd, HOME=/var/lib/ixyd included, and
 user ixyd may write there. With user site-packages enabled (a venv that includes the

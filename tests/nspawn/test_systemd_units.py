@@ -140,7 +140,7 @@ def open_fds(container, pid: str) -> int:
 
 
 def test_the_metrics_port_is_bound_by_its_socket_unit(container):
-    """Issue 12, A5: systemd binds the metrics port (ixyd-metrics@.socket, its address
+    """systemd binds the metrics port (ixyd-metrics@.socket, its address
     generated from /etc/ixyd/<instance>.toml) and hands it to the daemon; user nobody
     cannot bind it while the instance runs."""
     assert "installed /etc/systemd/system-generators/ixyd-metrics-generator" in (
@@ -171,7 +171,7 @@ def test_the_metrics_port_is_bound_by_its_socket_unit(container):
 
 
 def test_a_port_squatted_before_the_start_fails_the_instance_loudly(container):
-    """Issue 12, A5: a user who binds the metrics port before the instance starts does
+    """A user who binds the metrics port before the instance starts does
     not get scraped as a running instance: the socket unit fails to bind, the daemon
     refuses to run without it (and says why), and once the port is free again the next
     automatic restart serves it."""
@@ -212,7 +212,7 @@ def test_a_port_squatted_before_the_start_fails_the_instance_loudly(container):
 
 
 def test_slow_clients_of_another_user_leave_control_and_watchdog_alone(container):
-    """Issue 12, A1, under the unit's own limits: 2,000 slow connections from user nobody
+    """Under the unit's own limits: 2,000 slow connections from user nobody
     to the metrics port; the instance is not restarted, systemd keeps receiving
     WATCHDOG=1 (WatchdogTimestamp moves on), `ixyd-ctl status` answers and the daemon's
     descriptors stay bounded."""

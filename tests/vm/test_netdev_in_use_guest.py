@@ -1,5 +1,5 @@
-"""An igb port whose interface is in use is not taken, wherever that interface is (issue
-12, item 10): stacked under a VLAN, a bond, a bridge or a macvlan in another namespace, or
+"""An igb port whose interface is in use is not taken, wherever that interface is:
+stacked under a VLAN, a bond, a bridge or a macvlan in another namespace, or
 moved itself into another network namespace (named, or only a process's) with an address
 there, where this namespace's sysfs no longer lists it. scenarios/netdev_in_use.py does
 the work with the guest kernel's igb, 8021q, bonding, bridge and macvlan and prints one

@@ -1,4 +1,4 @@
-"""Guest scenario: an igb port whose interface is in use is not taken (issue 12, item 10).
+"""Guest scenario: an igb port whose interface is in use is not taken.
 
 Runs as root in the test guest with the kernel's igb driver bound to both ports
 (tests/vm/harness.py, with_igb_driver=True). One port (FIRST_MAC) is set up in ways that
