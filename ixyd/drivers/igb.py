@@ -2,12 +2,12 @@
 e1000_82575 code do it, keep it observable, take it down cleanly. QEMU's `igb` device
 model is an 82576, so this is also the driver for the VM tests.
 
-Bring-up, one small step per datasheet step (facts: shared/reference/nic-facts.md §C, §D;
+Bring-up, one small step per datasheet step (facts: docs/reference/82576.md;
 the sequence is Linux/DPDK `e1000_reset_hw_82575` + `igb_configure`):
 
     identify                     device ID table (igb_registers.DEVICES)
     disable_interrupts           IMC/EIMC all, read ICR/EICR
-    disable_master               CTRL.GIO_MASTER_DISABLE, poll STATUS.GIO (nic-facts §D.1)
+    disable_master               CTRL.GIO_MASTER_DISABLE, poll STATUS.GIO (82576.md#master-disable)
     quiesce                      RCTL = 0, TCTL = PSP, 10 ms (e1000_reset_hw_82575)
     global_reset                 CTRL.RST, bounded
     wait_for_eeprom              EECD.AUTO_RD for at most 10 ms, then carry on (see below)
@@ -181,9 +181,10 @@ class IgbPort(IntelPort):
         self.regs.EICR.read()
 
     def _disable_master(self) -> None:
-        """nic-facts §D.1, 82576 form: set CTRL.GIO_MASTER_DISABLE (read-modify-write) and wait
-        for STATUS.GIO to clear. If it never does, Intel's 82575 code carries on with the
-        reset (no double reset as on the 82599), and so does this driver."""
+        """Master disable, 82576 form (docs/reference/82576.md#master-disable): set
+        CTRL.GIO_MASTER_DISABLE (read-modify-write) and wait for STATUS.GIO to clear. If it
+        never does, Intel's 82575 code carries on with the reset (no double reset as on the
+        82599), and so does this driver."""
         self.regs.CTRL.set_bits(r.CTRL_GIO_DIS)
         try:
             self.regs.STATUS.wait_clear(
@@ -235,7 +236,8 @@ class IgbPort(IntelPort):
         forced speed/duplex (Linux e1000_setup_copper_link_82575). Then read the PHY's BMCR
         and write it back powered up, with autonegotiation enabled and restarted (Linux
         igb powers the PHY down when it lets go of a port). QEMU raises STATUS.LU about
-        500 ms later and never without this restart after a reset (nic-facts §C.5).
+        500 ms later and never without this restart after a reset
+        (docs/reference/82576.md#link-and-the-phy).
         wait_for_link waits for it at the end of init.
         """
         self.regs.CTRL.update(r.CTRL_SLU | r.CTRL_LRST | r.CTRL_FRCSPD | r.CTRL_FRCDPX, r.CTRL_SLU)
@@ -243,7 +245,7 @@ class IgbPort(IntelPort):
         self._phy_write(r.MII_BMCR, bmcr & ~r.BMCR_PDOWN | r.BMCR_AUTOEN | r.BMCR_ANRESTART)
 
     def _phy_read(self, register: int) -> int:
-        """Read a PHY register over MDIC (nic-facts §C.5)."""
+        """Read a PHY register over MDIC (docs/reference/82576.md#link-and-the-phy)."""
         return self._mdic(r.MDIC_OP_READ, register, 0) & r.MDIC_DATA_MASK
 
     def _phy_write(self, register: int, value: int) -> None:
@@ -374,8 +376,9 @@ class IgbPort(IntelPort):
 
         TCTL.EN goes on before any TXDCTL.ENABLE (as DMATXCTL.TE on the 82599); TCTL keeps
         PSP (pad short frames: QEMU does not pad, real hardware does with PSP), the
-        collision threshold and the full-duplex collision distance (vm-recipe §7). Linux
-        programs the collision distance in TCTL_EXT on 82575-class parts; both are written.
+        collision threshold and the full-duplex collision distance
+        (docs/reference/82576.md#tx-set-up). Linux programs the collision distance in
+        TCTL_EXT on 82575-class parts; both are written.
         """
         regs = self.regs
         regs.TCTL.write(r.TCTL_PSP)

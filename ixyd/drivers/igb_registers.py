@@ -1,9 +1,10 @@
 """82576 (igb) facts as data: the registers the driver touches, their bits, and device IDs.
 
 Vendor facts only, no sequencing (that is igb.py). Offsets are the canonical ones of
-Linux `e1000_regs.h` and QEMU `hw/net/igb_regs.h` (shared/reference/nic-facts.md §C.1;
-the 0x2800/0x3800 queue aliases for queues 0..3 are not used). Bits follow nic-facts §C.2,
-Linux/DPDK `e1000_defines.h` and `e1000_82575.h`. BAR0, 32-bit words, little-endian.
+Linux `e1000_regs.h` and QEMU `hw/net/igb_regs.h` (docs/reference/82576.md#register-map;
+the 0x2800/0x3800 queue aliases for queues 0..3 are not used). Bits follow
+docs/reference/82576.md#bits-that-differ-from-the-82599, Linux/DPDK `e1000_defines.h` and
+`e1000_82575.h`. BAR0, 32-bit words, little-endian.
 
 Where the 82576 differs from the 82599 in a way shared code could trip over, the constant
 says so (see also the module docstring of igb.py):
@@ -13,7 +14,7 @@ says so (see also the module docstring of igb.py):
 * Advanced RX write-back error bits: L4E bit 29, IPE bit 30, RXE bit 31
   (82599: RXE bit 29, L4E bit 30, IPE bit 31).
 * Statistics are clear-on-read like the 82599's; the 64-bit pairs are read low, then high
-  (QEMU clears both halves when the high half is read, nic-facts §C.7).
+  (QEMU clears both halves when the high half is read, docs/reference/82576.md#statistics).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ RO, RW, WO, RC, RC64 = Mode.RO, Mode.RW, Mode.WO, Mode.RC, Mode.RC64
 INTEL_VENDOR_ID = 0x8086
 
 # ---------------------------------------------------------------------------------------
-# Queue layouts (§C.1)
+# Queue layouts (docs/reference/82576.md#register-map)
 # ---------------------------------------------------------------------------------------
 HW_QUEUES = 16  # RX and TX queues of an 82576 port (QEMU emulates all 16)
 RX_QUEUE_BASE = 0x0C000  # queue n's RX registers at 0xC000 + 0x40n ...
@@ -36,7 +37,8 @@ MTA_ENTRIES = 128  # multicast table array, 4096 bits
 
 
 def rar(register: int) -> Layout:
-    """Receive address n: 0x05400 + 8n for n < 16, else 0x054E0 + 8(n - 16) (§C.1)."""
+    """Receive address n: 0x05400 + 8n for n < 16, else 0x054E0 + 8(n - 16)
+    (docs/reference/82576.md#register-map)."""
     return lambda n: (0x05400 + 8 * n if n < 16 else 0x054E0 + 8 * (n - 16)) + register
 
 
@@ -48,7 +50,7 @@ Q, QS, RA, MT = HW_QUEUES, QUEUE_STRIDE, RECEIVE_ADDRESSES, MTA_ENTRIES
 # fmt: off
 REGISTERS: tuple[Register, ...] = (
     #        name        offset                   mode  description                     count stride
-    # --- general (§C.1, §C.2)
+    # --- general (82576.md#register-map, #bits-that-differ-from-the-82599)
     Register("CTRL",       0x00000,                 RW,   "Device Control"),
     Register("STATUS",     0x00008,                 RO,   "Device Status"),
     Register("EECD",       0x00010,                 RW,   "EEPROM/Flash Control"),
@@ -102,7 +104,7 @@ REGISTERS: tuple[Register, ...] = (
     Register("TXDCTL",     0x0E028,                 RW,   "Tx Descriptor Control",        Q, QS),
     Register("TDWBAL",     0x0E038,                 RW,   "Tx Head Write-back Addr Low",  Q, QS),
     Register("TDWBAH",     0x0E03C,                 RW,   "Tx Head Write-back Addr High", Q, QS),
-    # --- statistics, clear on read (§C.7); RC64: low register, then high register.
+    # --- statistics, clear on read (82576.md#statistics); RC64: low register, then high register.
     # QEMU implements CRCERRS..MPC, RLEC and RNBC as plain registers it never increments;
     # on hardware every one of them clears on read, which is what the driver assumes.
     Register("CRCERRS",    0x04000,                 RC,   "CRC Errors"),
@@ -133,7 +135,8 @@ REGISTERS: tuple[Register, ...] = (
 # fmt: on
 
 # ---------------------------------------------------------------------------------------
-# Bits (§C.2; Linux/DPDK e1000_defines.h, e1000_82575.h)
+# Bits (docs/reference/82576.md#bits-that-differ-from-the-82599; Linux/DPDK e1000_defines.h,
+# e1000_82575.h)
 # ---------------------------------------------------------------------------------------
 CTRL_GIO_DIS = 1 << 2  # PCIe master disable
 CTRL_LRST = 1 << 3  # link reset: set at reset, must be cleared for the link to work
@@ -232,10 +235,12 @@ TCTL_EXT_COLD_MASK = 0x3FF << TCTL_EXT_COLD_SHIFT
 COLLISION_DISTANCE = 0x3F  # E1000_COLLISION_DISTANCE, 63 byte times (full duplex)
 
 # Inter-packet gap for copper: IPGT 8, IPGR1 8, IPGR2 7 (Intel's DEFAULT_825XX_TIPG_IPGT_COPPER,
-# DEFAULT_82575_TIPG_IPGR1/IPGR2); the value vm-recipe §7 verified with QEMU's igb.
+# DEFAULT_82575_TIPG_IPGR1/IPGR2); a guest run verified it with QEMU's igb
+# (docs/reference/82576.md#tx-set-up).
 TIPG_COPPER = 8 | 8 << 10 | 7 << 20  # 0x00702008
 
-# Advanced RX write-back error bits of the 82576 (nic-facts §C.3); the 82599 has RXE at 29.
+# Advanced RX write-back error bits of the 82576 (docs/reference/82576.md#descriptors); the
+# 82599 has RXE at 29.
 RXD_ERR_L4E = 1 << 29  # TCP/UDP checksum error, reported only with RXCSUM.TUOFL
 RXD_ERR_IPE = 1 << 30  # IPv4 header checksum error, reported only with RXCSUM.IPOFL
 RXD_ERR_RXE = 1 << 31  # any MAC error

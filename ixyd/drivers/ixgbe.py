@@ -2,11 +2,11 @@
 observable, take it down cleanly.
 
 Bring-up, one small step per datasheet step (section numbers: 82599 datasheet 331520;
-facts: shared/reference/nic-facts.md):
+facts: docs/reference/82599.md):
 
     identify                     device ID table (ixgbe_registers.DEVICES)
     disable_interrupts           4.6.3.1
-    disable_master               spec update item 9, Master Disable Flow (nic-facts §D.1)
+    disable_master               spec update item 9, Master Disable Flow (82599.md#master-disable)
     global_reset                 4.6.3.2
     wait_for_eeprom_and_dma      4.6.3
     read_mac                     RAL0/RAH0
@@ -52,9 +52,10 @@ TX_DRAIN_TIMEOUT = 0.5  # TDH to reach TDT at shutdown
 RX_PACKET_BUFFER_KB = r.RXPB_TOTAL_KB
 TX_PACKET_BUFFER_KB = r.TXPB_TOTAL_KB
 
-# TX descriptor thresholds (nic-facts §A.4). WTHRESH must be 0: the data path sets RS only
-# on every 32nd descriptor and reclaims by its DD bit; with WTHRESH > 0 the device would
-# ignore RS and write back in bursts of its own. PTHRESH 32 / HTHRESH 1 as Linux.
+# TX descriptor thresholds (docs/reference/82599.md#tx-queue-registers). WTHRESH must be 0:
+# the data path sets RS only on every 32nd descriptor and reclaims by its DD bit; with
+# WTHRESH > 0 the device would ignore RS and write back in bursts of its own. PTHRESH 32 /
+# HTHRESH 1 as Linux.
 TX_PTHRESH, TX_HTHRESH, TX_WTHRESH = 32, 1, 0
 
 RSS_HASH_FIELDS = (
@@ -151,7 +152,8 @@ class IxgbePort(IntelPort):
         self.regs.EICR.read()
 
     def _disable_master(self) -> bool:
-        """nic-facts §D.1: stop new master requests and wait for the pending ones.
+        """Stop new master requests and wait for the pending ones (master disable:
+        docs/reference/82599.md#master-disable).
 
         Returns False when STATUS.GIO never cleared; the spec update then asks for two
         resets. (The PCIe Transaction Pending poll needs config space, which the device
@@ -186,7 +188,8 @@ class IxgbePort(IntelPort):
         """4.6.4: 10G serial link mode, XAUI PMA/PMD, restart autonegotiation.
 
         The link comes up on its own time; wait_for_link waits for it at the end of init.
-        Intel's reset code first re-enables a link the NVM disabled (AUTOC2, nic-facts §D.3).
+        Intel's reset code first re-enables a link the NVM disabled (AUTOC2,
+        docs/reference/82599.md#stop-and-reset).
         """
         self.regs.AUTOC2.clear_bits(r.AUTOC2_LINK_DISABLE_MASK)
         self.regs.AUTOC.update(
@@ -212,7 +215,7 @@ class IxgbePort(IntelPort):
         regs.RXPBSIZE[0].write(RX_PACKET_BUFFER_KB << r.PBSIZE_KB_SHIFT)
         for pb in range(1, len(regs.RXPBSIZE)):
             regs.RXPBSIZE[pb].write(0)
-        # Strip the FCS; HLREG0 and RDRXCTL must agree (nic-facts §A.2).
+        # Strip the FCS; HLREG0 and RDRXCTL must agree (docs/reference/82599.md#general-registers).
         regs.HLREG0.set_bits(r.HLREG0_RXCRCSTRP)
         # RSCFRSTSIZE must be 0, RSCACKC and FCOE_WRFIX 1: reserved defaults the hardware
         # needs (ixy.rs #29; Linux ixgbe_setup_rdrxctl).
@@ -368,7 +371,8 @@ class IxgbePort(IntelPort):
     # Shutdown
     # =====================================================================================
     def _stop_steps(self) -> tuple:
-        """nic-facts §D.3, stop part: receive off, queues off, TX drained, master disable."""
+        """Intel's stop sequence, stop part (docs/reference/82599.md#stop-and-reset): receive
+        off, queues off, TX drained, master disable."""
         return (
             self._disable_rx,
             self._stop_rx_queues,

@@ -1,9 +1,9 @@
 """82599 (ixgbe) facts as data: the registers the driver touches, their bits, and device IDs.
 
 Vendor facts only, no sequencing (that is ixgbe.py). Offsets and bits follow
-shared/reference/nic-facts.md, which cites Intel's shared code (DPDK base/, Linux ixgbe)
-and ixy; section signs (§A.2 ...) point into that file. Nothing the driver relies on is
-among the facts that file marks UNVERIFIED (reset values, AN_RESTART self-clearing, ...):
+docs/reference/82599.md, which cites Intel's shared code (`ixgbe_type.h` in Linux and DPDK)
+and ixy; marks such as (#general-registers) name headings of that page. Nothing the driver
+relies on is among the facts it marks unverified (reset values, AN_RESTART self-clearing, ...):
 every field the driver needs is written explicitly. BAR0, 32-bit words, little-endian.
 """
 
@@ -16,7 +16,7 @@ RO, RW, WO, RC, RC64 = Mode.RO, Mode.RW, Mode.WO, Mode.RC, Mode.RC64
 INTEL_VENDOR_ID = 0x8086
 
 # ---------------------------------------------------------------------------------------
-# Queue layouts (§A.3, §A.4)
+# Queue layouts (#rx-queue-registers, #tx-queue-registers)
 # ---------------------------------------------------------------------------------------
 HW_QUEUES = 128  # RX and TX queues of an 82599 port
 STAT_COUNTERS = 16  # QPRC/QPTC/QBRC/QBTC/QPRDC sets, selected per queue by RQSMR/TQSM
@@ -28,13 +28,14 @@ def rxq(register: int) -> Layout:
 
 
 def rxq_alias(alias: int, register: int) -> Layout:
-    """SRRCTL / DCA_RXCTRL: queues 0..15 use the compact alias at `alias` + 4n (§A.3)."""
+    """SRRCTL / DCA_RXCTRL: queues 0..15 use the compact alias at `alias` + 4n
+    (#rx-queue-registers)."""
     block = rxq(register)
     return lambda n: alias + 4 * n if n < 16 else block(n)
 
 
 def rar(register: int) -> Layout:
-    """Receive address n: 0x05400 + 8n for n <= 15 (aliases), else 0x0A200 + 8n (§A.8)."""
+    """Receive address n: 0x05400 + 8n for n <= 15 (aliases), else 0x0A200 + 8n (#mac-address)."""
     return lambda n: (0x05400 if n < 16 else 0x0A200) + 8 * n + register
 
 
@@ -46,19 +47,19 @@ Q, S = HW_QUEUES, STAT_COUNTERS
 # fmt: off
 REGISTERS: tuple[Register, ...] = (
     #        name        offset                   mode  description                     count stride
-    # --- general (§A.2)
+    # --- general (#general-registers)
     Register("CTRL",       0x00000,                 RW,   "Device Control"),
     Register("STATUS",     0x00008,                 RO,   "Device Status"),
     Register("CTRL_EXT",   0x00018,                 RW,   "Extended Device Control"),
     Register("EEC",        0x10010,                 RW,   "EEPROM/Flash Control"),
-    # --- interrupts (§A.5): ixyd polls, it only masks them
+    # --- interrupts (#interrupts): ixyd polls, it only masks them
     Register("EICR",       0x00800,                 RW,   "Interrupt Cause, read clears"),
     Register("EIMC",       0x00888,                 WO,   "Interrupt Mask Clear"),
-    # --- link (§A.6)
+    # --- link (#link)
     Register("AUTOC",      0x042A0,                 RW,   "Auto-Negotiation Control"),
     Register("LINKS",      0x042A4,                 RO,   "Link Status"),
     Register("AUTOC2",     0x042A8,                 RW,   "Auto-Negotiation Control 2"),
-    # --- receive, global (§A.2, §A.8, §A.9)
+    # --- receive, global (#general-registers, #mac-address, #rss)
     Register("RDRXCTL",    0x02F00,                 RW,   "Receive DMA Control"),
     Register("RXCTRL",     0x03000,                 RW,   "Receive Control"),
     Register("RXPBSIZE",   0x03C00,                 RW,   "Rx Packet Buffer Size",        8, 4),
@@ -71,7 +72,7 @@ REGISTERS: tuple[Register, ...] = (
     Register("RAL",        rar(0x0),                RW,   "Receive Address Low",          128),
     Register("RAH",        rar(0x4),                RW,   "Receive Address High",         128),
     Register("RQSMR",      0x02300,                 RW,   "Rx Queue Statistic Mapping",   32, 4),
-    # --- receive, per queue (§A.3)
+    # --- receive, per queue (#rx-queue-registers)
     Register("RDBAL",      rxq(0x00),               RW,   "Rx Descriptor Base Low",       Q),
     Register("RDBAH",      rxq(0x04),               RW,   "Rx Descriptor Base High",      Q),
     Register("RDLEN",      rxq(0x08),               RW,   "Rx Descriptor Length, bytes",  Q),
@@ -80,21 +81,21 @@ REGISTERS: tuple[Register, ...] = (
     Register("SRRCTL",     rxq_alias(0x2100, 0x14), RW,   "Split Receive Control",        Q),
     Register("RDT",        rxq(0x18),               RW,   "Rx Descriptor Tail",           Q),
     Register("RXDCTL",     rxq(0x28),               RW,   "Rx Descriptor Control",        Q),
-    # --- transmit, global (§A.2)
+    # --- transmit, global (#general-registers)
     Register("RTTDCS",     0x04900,                 RW,   "Tx Descriptor Plane Control"),
     Register("DMATXCTL",   0x04A80,                 RW,   "DMA Tx Control"),
     Register("DTXMXSZRQ",  0x08100,                 RW,   "DMA Tx Max Size Requests"),
     Register("MTQC",       0x08120,                 RW,   "Multiple Tx Queues Command"),
     Register("TQSM",       0x08600,                 RW,   "Tx Queue Statistic Mapping",   32, 4),
     Register("TXPBSIZE",   0x0CC00,                 RW,   "Tx Packet Buffer Size",        8, 4),
-    # --- transmit, per queue (§A.4)
+    # --- transmit, per queue (#tx-queue-registers)
     Register("TDBAL",      0x06000,                 RW,   "Tx Descriptor Base Low",       Q, 0x40),
     Register("TDBAH",      0x06004,                 RW,   "Tx Descriptor Base High",      Q, 0x40),
     Register("TDLEN",      0x06008,                 RW,   "Tx Descriptor Length, bytes",  Q, 0x40),
     Register("TDH",        0x06010,                 RW,   "Tx Descriptor Head",           Q, 0x40),
     Register("TDT",        0x06018,                 RW,   "Tx Descriptor Tail",           Q, 0x40),
     Register("TXDCTL",     0x06028,                 RW,   "Tx Descriptor Control",        Q, 0x40),
-    # --- statistics, clear on read (§A.7); RC64: low register, then high register
+    # --- statistics, clear on read (#statistics); RC64: low register, then high register
     Register("CRCERRS",    0x04000,                 RC,   "CRC Errors"),
     Register("ILLERRC",    0x04004,                 RC,   "Illegal Byte Errors"),
     Register("ERRBC",      0x04008,                 RC,   "Error Bytes"),
@@ -127,7 +128,7 @@ REGISTERS: tuple[Register, ...] = (
 # fmt: on
 
 # ---------------------------------------------------------------------------------------
-# Bits (§A.2 .. §A.9)
+# Bits (#general-registers .. #rss)
 # ---------------------------------------------------------------------------------------
 CTRL_GIO_DIS = 1 << 2  # PCIe master disable
 CTRL_LRST = 1 << 3  # link reset, self-clearing
@@ -217,7 +218,7 @@ LINKS_SPEED_MBPS = {0x1 << 28: 100, 0x2 << 28: 1000, 0x3 << 28: 10000}
 
 
 # ---------------------------------------------------------------------------------------
-# Device IDs (§A.1; Intel's ixgbe_type.h)
+# Device IDs (#device-basics; Intel's ixgbe_type.h)
 # ---------------------------------------------------------------------------------------
 FAMILY_82599 = "82599"  # includes the X520 adapters, which are 82599 boards
 FAMILY_X540 = "X540"

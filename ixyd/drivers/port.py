@@ -164,7 +164,8 @@ class IntelPort(ABC):
     def _write_rss_tables(self) -> None:
         """The hash key (key byte 0 in RSSRK[0] bits 7:0) and a redirection table that
         spreads its entries round-robin over the RX queues (entry e is byte e & 3 of
-        RETA[e >> 2]). Same layout on both families (nic-facts §A.9, §C.2)."""
+        RETA[e >> 2]). Same layout on both families (docs/reference/82599.md#rss and
+        82576.md#rss)."""
         key = self.config.rss_key or self.R.RSS_DEFAULT_KEY
         for i, register in enumerate(self.regs.RSSRK):
             register.write(int.from_bytes(key[4 * i : 4 * i + 4], "little"))

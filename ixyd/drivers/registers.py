@@ -6,7 +6,8 @@ layouts, access mode and a description. `RegisterFile` binds such a table to a
 `PciFunction` and gives every register `read`, `write`, `set_bits`, `clear_bits`, `update`
 and the three waits. Nothing here knows a NIC family; ixgbe and igb share it.
 
-Two rules a long-running driver needs and ixy lacks (nic-facts §D.5, anchors §2.6):
+Two rules a long-running driver needs and ixy lacks (docs/reference/82599.md#surprise-removal,
+docs/reference/peers.md#ixys-defects-for-a-long-running-daemon):
 
 * Every wait takes a timeout and raises `DeviceTimeoutError` naming the register, the
   bits it waited for and the last value read.
@@ -207,8 +208,9 @@ class RegisterFile:
     """A register table bound to one device: `regs.CTRL.read()`, `regs.RDT[q].write(n)`.
 
     `removal_probe` names the register read to confirm a removal (STATUS on every Intel
-    NIC: nic-facts §D.5). After a confirmed removal every read raises DeviceRemovedError
-    without touching the device and every write is dropped, as Linux's ixgbe_read_reg does.
+    NIC: docs/reference/82599.md#surprise-removal). After a confirmed removal every read
+    raises DeviceRemovedError without touching the device and every write is dropped, as
+    Linux's ixgbe_read_reg does.
     """
 
     def __init__(

@@ -1,8 +1,8 @@
 """Queue memory around the C data path: mempools and RX/TX descriptor rings in DMA memory.
 
 Family-independent: the 82599 and the 82576 share the advanced descriptor formats
-(nic-facts §C.3), so a driver only says where a queue's tail register is and how big
-things are. Every cffi object the C code points into (structs, free stacks, slot arrays)
+(docs/reference/82576.md#descriptors), so a driver only says where a queue's tail register
+is and how big things are. Every cffi object the C code points into (structs, free stacks, slot arrays)
 is owned by a Python object here, so nothing is collected while native code uses it.
 Native workers get the struct pointers (`RxQueue.pointer`, `TxQueue.pointer`,
 `Mempool.pointer`); the Python `rx_batch`/`tx_batch` wrappers are for tests and slow paths.
@@ -26,7 +26,7 @@ from ..errors import DmaError
 PKT_HEADROOM = lib.IXYD_PKT_HEADROOM  # ixyd_pkt header; the device sees data[] only
 PKT_DATA_SIZE = 2048  # the device's receive buffer: SRRCTL.BSIZEPACKET = 2 KB
 ENTRY_SIZE = PKT_HEADROOM + PKT_DATA_SIZE  # 2176 bytes, a multiple of 128
-DESCRIPTOR_SIZE = 16  # advanced RX and TX descriptors (nic-facts §B)
+DESCRIPTOR_SIZE = 16  # advanced RX and TX descriptors (docs/reference/82599.md#rx-descriptors)
 # Rings start as all-ones, as in ixy and Snabb: a device that DMAs a descriptor the driver
 # never wrote sees an obviously bad address instead of a plausible zero.
 UNWRITTEN_RING_BYTE = 0xFF

@@ -10,7 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
-/* ---- register offsets and bits this engine reads or counts into (nic-facts.md §A) ---- */
+/* ---- register offsets and bits this engine reads or counts into (docs/reference/82599.md) ---- */
 #define REG_EICR 0x00800
 #define EICR_RX_MISS (1u << 17)
 #define EICR_LSC (1u << 20)
@@ -40,7 +40,7 @@
 #define RXDCTL_ENABLE (1u << 25)
 #define TXDCTL_ENABLE (1u << 25)
 #define SRRCTL_DROP_EN (1u << 28)
-/* statistics (§A.7); 32-bit clear-on-read registers live in the register file */
+/* statistics (#statistics); 32-bit clear-on-read registers live in the register file */
 #define REG_CRCERRS 0x04000
 #define REG_MPC0 0x03FA0
 #define REG_GPRC 0x04074
@@ -69,7 +69,7 @@ static inline uint32_t txq_block(uint32_t q) { return 0x06000u + 0x40u * q; }
 #define Q_TDWBAL 0x38
 #define Q_TDWBAH 0x3C
 
-/* descriptor bits (§B) */
+/* descriptor bits (#rx-descriptors, #tx-descriptors) */
 #define RXD_STAT_DD 0x1u
 #define RXD_STAT_EOP 0x2u
 #define TXD_DTYP_MASK 0x00F00000u
@@ -306,7 +306,7 @@ static void refresh_config(struct model_port *p)
     p->fctrl = R(p, REG_FCTRL);
     p->pb_capacity = R(p, REG_RXPBSIZE0) & 0xFFC00u;
     p->mrqc = R(p, REG_MRQC);
-    p->rss = (p->mrqc & 0xF) == 1; /* MRQE = 0001: RSS only (§A.9) */
+    p->rss = (p->mrqc & 0xF) == 1; /* MRQE = 0001: RSS only (#rss) */
     p->pcsd = !!(R(p, REG_RXCSUM) & RXCSUM_PCSD);
     for (uint32_t i = 0; i < 10; i++) {
         uint32_t k = R(p, REG_RSSRK + 4 * i);
@@ -486,7 +486,7 @@ static int update_link(struct model_port *p, uint64_t now)
     int up = link_up(p, now);
     if (up != p->link_was_up) {
         p->link_was_up = up;
-        model_reg_or(p, REG_EICR, EICR_LSC); /* link status change cause (§A.5) */
+        model_reg_or(p, REG_EICR, EICR_LSC); /* link status change cause (#interrupts) */
     }
     return up;
 }
@@ -503,7 +503,7 @@ void model_port_remove(struct model_port *p)
 {
     model_lock(p->m);
     p->removed = 1;
-    /* After a surprise removal every MMIO read completes with all-ones (§D.5),
+    /* After a surprise removal every MMIO read completes with all-ones (#surprise-removal),
      * also for native code reading the mapping directly. */
     memset(p->regs, 0xFF, MODEL_BAR_SIZE);
     pb_clear(p);
@@ -526,7 +526,7 @@ void model_port_counters(struct model_port *p, struct model_port_counters *out)
     model_unlock(p->m);
 }
 
-/* ------------------------------------------------------------------ RSS (§A.9) */
+/* ------------------------------------------------------------------ RSS (#rss) */
 
 uint32_t model_toeplitz(const uint8_t *key, const uint8_t *data, uint32_t length)
 {
@@ -639,7 +639,7 @@ static int deliver(struct model_port *p, uint32_t q, const uint8_t *frame, uint3
     uint32_t head = R(p, b + Q_HEAD), tail = R(p, b + Q_TAIL);
     if (head >= rq->size || tail >= rq->size)
         return 0;
-    /* descriptors from RDH up to, not including, RDT belong to hardware (§B.5) */
+    /* descriptors from RDH up to, not including, RDT belong to hardware (#ring-mechanics) */
     uint32_t free_desc = (tail + rq->size - head) % rq->size;
     uint32_t needed = (length + rq->bsize - 1) / rq->bsize;
     if (free_desc < needed)
@@ -654,7 +654,7 @@ static int deliver(struct model_port *p, uint32_t q, const uint8_t *frame, uint3
             uint8_t *dst = dma(p, buffer, chunk, 1);
             if (dst)
                 memcpy(dst, frame + done, chunk);
-            /* advanced write-back (§B.2): everything first, the status dword with DD last */
+            /* advanced write-back (#rx-descriptors): everything first, the status dword with DD last */
             uint32_t lo = info, hi = p->pcsd ? hash : 0, len_vlan = chunk;
             uint32_t status = RXD_STAT_DD | (k == needed - 1 ? RXD_STAT_EOP : 0);
             memcpy(d, &lo, 4);
@@ -1143,7 +1143,7 @@ static uint32_t transmit_queue(struct model_port *p, uint32_t q, uint32_t budget
             put_on_wire(p, p->txbuf, length, now);
         }
         /* descriptor write-back: DD for RS descriptors; with WTHRESH > 0 the hardware
-         * writes back regardless of RS (nic-facts §A.4, §B.5) */
+         * writes back regardless of RS (#tx-queue-registers, #ring-mechanics) */
         for (uint32_t k = 0, j = head; k < ndesc; k++, j = j + 1 == tq->size ? 0 : j + 1) {
             uint8_t *d = dma(p, tq->ring + 16ull * j, 16, 1);
             uint32_t cmd;

@@ -3,7 +3,8 @@
  * Control (register semantics, reset, timers, wires) lives in Python (ixyd/model/nic.py);
  * this file moves frames: TX descriptor rings -> wire -> RX filters, RSS, packet buffer ->
  * RX descriptor rings, with every DMA translated through the model's IOMMU table.
- * Register facts: shared/reference/nic-facts.md; section numbers cite the 82599 datasheet.
+ * Register facts: docs/reference/82599.md, whose headings the #marks in engine.c name;
+ * section numbers (§7.1 ...) cite the 82599 datasheet.
  */
 #ifndef IXYD_MODEL_ENGINE_H
 #define IXYD_MODEL_ENGINE_H

@@ -1,8 +1,9 @@
 """The 82599 register file as the model sees it: offsets, reset values, aliases, semantics.
 
-These are the model's own declarations, taken from shared/reference/nic-facts.md (which
-cites Intel's shared code, DPDK and Linux). They are deliberately not imported from the
-driver: a wrong offset in one would otherwise be confirmed by the other. Values marked
+These are the model's own declarations, taken from docs/reference/82599.md (which cites
+Intel's shared code, DPDK and Linux); marks such as (#general-registers) name headings of
+that page. They are deliberately not imported from the driver: a wrong offset in one would
+otherwise be confirmed by the other. Values marked
 UNVERIFIED in docs/model.md come from sources other than the datasheet.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 BAR0_SIZE = 0x20000  # decodes everything Intel's code touches (EEC 0x10010, EITR 0x12300, ...)
 
-# --- general (nic-facts §A.2) ---
+# --- general (#general-registers) ---
 CTRL = 0x00000
 CTRL_GIO_DIS = 1 << 2
 CTRL_LRST = 1 << 3
@@ -35,13 +36,13 @@ FCTRL = 0x05080
 DMATXCTL = 0x04A80
 DMATXCTL_TE = 1 << 0
 
-# --- interrupts (§A.5) ---
+# --- interrupts (#interrupts) ---
 EICR = 0x00800
 EICS = 0x00808
 EIMS = 0x00880
 EIMC = 0x00888
 
-# --- link (§A.6) ---
+# --- link (#link) ---
 AUTOC = 0x042A0
 AUTOC_AN_RESTART = 1 << 12
 LINKS = 0x042A4
@@ -49,13 +50,13 @@ LINKS_UP = 1 << 30
 LINKS_SPEED_10G = 0x3 << 28
 LINKS_KX_AN_COMP = 1 << 31
 
-# --- MAC address (§A.8): canonical block at 0xA200, entries 0..15 aliased at 0x5400 ---
+# --- MAC address (#mac-address): canonical block at 0xA200, entries 0..15 aliased at 0x5400 ---
 RAL_CANONICAL = 0x0A200
 RAL_ALIAS = 0x05400
 RAH_AV = 1 << 31
 RAR_ENTRIES = 128
 
-# --- per-queue blocks (§A.3, §A.4) ---
+# --- per-queue blocks (#rx-queue-registers, #tx-queue-registers) ---
 QUEUES = 128
 STAT_COUNTERS = 16
 
@@ -90,12 +91,12 @@ TDBAL, TDBAH, TDLEN, TDH, TDT, TXDCTL, TDWBAL, TDWBAH = (
 )
 QUEUE_ENABLE = 1 << 25
 QUEUE_SWFLSH = 1 << 26
-SRRCTL_RESET = 0x00000402  # BSIZEPACKET 2 KB, BSIZEHEADER 256 B (UNVERIFIED, nic-facts §A.3a)
+SRRCTL_RESET = 0x00000402  # BSIZEPACKET 2 KB, BSIZEHEADER 256 B (UNVERIFIED, #srrctl)
 DCA_RXCTRL_RESET = 1 << 12  # reserved bit that resets to 1 (ixy, datasheet 4.6.7)
 SRRCTL_LEGACY = 0x02100  # SRRCTL(0..15) alias
 DCA_RXCTRL_LEGACY = 0x02200  # DCA_RXCTRL(0..15) alias
 
-# --- statistics (§A.7): clear on read ---
+# --- statistics (#statistics): clear on read ---
 RC32 = {
     "CRCERRS": 0x04000,
     "ILLERRC": 0x04004,
@@ -127,7 +128,7 @@ QPTC_ALIAS = 0x08680  # 82599 address of QPTC(n) (UNVERIFIED): decoded as an ali
 
 # 64-bit counters as (low, high) register pairs and the engine's stat64 index
 # (engine.h MODEL_STAT64_*). Reading the low half snapshots and clears the whole counter;
-# the high half then returns the snapshot's upper bits (read low first, nic-facts §A.7).
+# the high half then returns the snapshot's upper bits (read low first, #statistics).
 RC64 = {"GORC": (0x04088, 0x0408C, 0), "GOTC": (0x04090, 0x04094, 1), "TOR": (0x040C0, 0x040C4, 2)}
 for _n in range(STAT_COUNTERS):
     RC64[f"QBRC{_n}"] = (0x01034 + 0x40 * _n, 0x01038 + 0x40 * _n, 3 + _n)
@@ -148,7 +149,7 @@ def canonical(offset: int) -> int:
 
 
 def mac_to_rar(mac: bytes) -> tuple[int, int]:
-    """RAL/RAH values for a MAC: byte 0 in RAL bits 7:0, bytes 4..5 in RAH 15:0 (§A.8)."""
+    """RAL/RAH values for a MAC: byte 0 in RAL bits 7:0, bytes 4..5 in RAH 15:0 (#mac-address)."""
     return int.from_bytes(mac[:4], "little"), int.from_bytes(mac[4:6], "little") | RAH_AV
 
 
