@@ -5,7 +5,7 @@ or a base register is an IOVA that this module picked and mapped through the bac
 `DmaMapper` (VFIO's container, or the model's IOMMU). IOVAs are taken only from the ranges
 the backend reports as valid, so an IOMMU with a 39-bit address width or a reserved MSI
 window never receives a mapping it would refuse or silently misroute (the identity-mapping
-bug class of ixy and ixy.rs, anchors.md 2.3).
+bug class of ixy and ixy.rs, docs/reference/peers.md#ixys-vfio-path).
 
 Memory comes from 2 MiB hugepages when the system has free ones, else from ordinary 4 KiB
 pages; no hugepage setup is required. Chunks are carved into 128-byte aligned pieces

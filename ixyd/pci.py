@@ -1,13 +1,14 @@
 """PCI device facts and driver binding through sysfs: hand a NIC to vfio-pci, and give it back.
 
-Binding follows driverctl and DPDK's advice (anchors.md 2.3 and 7): `driver_override` plus
-`drivers_probe`, never `new_id`, which would grab every card with the same vendor:device
-ID. Before a kernel driver is unbound, its network interfaces are checked: one that is up
-with a routable address, or that other interfaces are stacked on (a bridge or bond port,
-the lower device of a VLAN or macvlan), is in use, and taking it away would cut someone's
-connection, so that is refused unless forced (dpdk-devbind's "Active" check, extended).
-The interfaces are looked for in every network namespace, since one moved into a
-container's namespace is no longer listed in this namespace's sysfs (`check_netdevs_idle`).
+Binding follows driverctl and DPDK's advice (docs/reference/peers.md#binding-a-device):
+`driver_override` plus `drivers_probe`, never `new_id`, which would grab every card with the
+same vendor:device ID. Before a kernel driver is unbound, its network interfaces are
+checked: one that is up with a routable address, or that other interfaces are stacked on (a
+bridge or bond port, the lower device of a VLAN or macvlan), is in use, and taking it away
+would cut someone's connection, so that is refused unless forced (dpdk-devbind's "Active"
+check, extended). The interfaces are looked for in every network namespace, since one moved
+into a container's namespace is no longer listed in this namespace's sysfs
+(`check_netdevs_idle`).
 
 All sysfs paths hang off a configurable root (default /sys) so tests can run against a
 fake tree. Interface state is read and changed over netlink with pyroute2.

@@ -5,16 +5,17 @@ Two objects, the same two the kernel has:
 - `VfioContainer` is the IOMMU context: /dev/vfio/vfio with the type1 IOMMU. Groups are
   attached to it, and it maps DMA memory at IOVAs chosen from the ranges the kernel
   reports (VFIO_IOMMU_GET_INFO, IOVA-range capability), never IOVA = VA (the ixy bug,
-  anchors.md 2.3). Every device opened through one container shares its IOVA space and
-  its `DmaMemory`. It is the only class that knows the type1 API: an iommufd backend
-  would be another class with the same `open_device(address) -> fd` and DmaMapper methods.
+  docs/reference/peers.md#ixys-vfio-path). Every device opened through one container
+  shares its IOVA space and its `DmaMemory`. It is the only class that knows the type1
+  API: an iommufd backend would be another class with the same `open_device(address) ->
+  fd` and DmaMapper methods.
 - `VfioDevice` is one PCI function: its device fd, BAR0 mapped into this process and
   accessed with single aligned 32-bit loads and stores, config space through pread and
   pwrite, reset and interrupt information.
 
 The ioctl sequence, and the values it returned in a QEMU guest with a virtual VT-d, are in
-vm-recipe.md 6. Struct layouts, ioctl numbers and flags come from the kernel headers via
-the compiler (`ixyd._vfio`, built by ixyd/native/build_vfio.py).
+docs/reference/vfio-guest.md#vfio-ioctl-sequence. Struct layouts, ioctl numbers and flags
+come from the kernel headers via the compiler (`ixyd._vfio`, built by ixyd/native/build_vfio.py).
 """
 
 from __future__ import annotations

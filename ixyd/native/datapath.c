@@ -1,10 +1,11 @@
 /* ixyd datapath: the code that touches every packet.
  *
  * Ring mechanics follow the 82599 datasheet (rev 3.3) sections 1.8 and 7.1/7.2 as ixy
- * implements them, with two changes for a long-running daemon (anchors.md 2.6): an empty
- * pool, a multi-descriptor frame or a MAC error drop the frame and count it instead of
- * exiting, and TX sets RS only on every 32nd descriptor (DPDK's tx_rs_thresh) so the
- * device writes back one descriptor per clean-up batch instead of all of them.
+ * implements them, with two changes for a long-running daemon
+ * (docs/reference/peers.md#ixys-defects-for-a-long-running-daemon): an empty pool, a
+ * multi-descriptor frame or a MAC error drop the frame and count it instead of exiting,
+ * and TX sets RS only on every 32nd descriptor (DPDK's tx_rs_thresh) so the device
+ * writes back one descriptor per clean-up batch instead of all of them.
  *
  * Memory ordering: the device is either hardware or the model's thread in this process.
  * RX status is read with an acquire load (the write-back fields and the frame are valid
@@ -26,11 +27,11 @@
 #define likely(x) __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
 
-#define RING_MAX 8192                  /* DPDK's limit (nic-facts B.5) */
+#define RING_MAX 8192                  /* DPDK's limit (docs/reference/82599.md#ring-mechanics) */
 #define RX_RING_MIN 8                  /* RDLEN must be a multiple of 128 bytes (8 descs) */
 #define TX_RING_MIN 64                 /* two clean-up batches */
 
-/* Advanced RX descriptor (nic-facts B.1, B.2). Read and write-back
+/* Advanced RX descriptor (docs/reference/82599.md#rx-descriptors). Read and write-back
  * formats share the 16 bytes: writing hdr_addr = 0 also clears DD. */
 union rx_desc {
     struct { uint64_t pkt_addr, hdr_addr; } read;
@@ -44,7 +45,7 @@ union rx_desc {
 #define RX_STAT_DD  0x00000001u
 #define RX_STAT_EOP 0x00000002u
 
-/* Advanced TX data descriptor (nic-facts B.3, B.4). */
+/* Advanced TX data descriptor (docs/reference/82599.md#tx-descriptors). */
 union tx_desc {
     struct { uint64_t buffer_addr; uint32_t cmd_type_len, olinfo_status; } read;
     struct { uint64_t reserved; uint32_t nxtseq_seed, status; } wb;
@@ -141,7 +142,7 @@ void ixyd_pkt_free(struct ixyd_pkt *p) { p->pool->free_stack[p->pool->free_top++
 static inline void rx_arm(volatile union rx_desc *d, uint64_t iova)
 {
     d->read.pkt_addr = iova;
-    d->read.hdr_addr = 0;              /* bit 0 aliases DD: must be clear (nic-facts B.1) */
+    d->read.hdr_addr = 0;              /* bit 0 aliases DD: must be clear (docs/reference/82599.md#rx-descriptors) */
 }
 
 int ixyd_rxq_init(struct ixyd_rxq *q, void *ring, volatile uint32_t *rdt,
@@ -244,7 +245,8 @@ done:;
         q->stats.packets += n;
         q->stats.bytes += bytes;
         /* Hand the descriptors back, staying one behind: RDT == RDH means "no free
-         * descriptor" to the device (nic-facts B.5; ixy ixgbe_rx_batch). */
+         * descriptor" to the device (docs/reference/82599.md#ring-mechanics; ixy
+         * ixgbe_rx_batch). */
         __atomic_store_n(q->rdt, (next - 1) & (q->size - 1), __ATOMIC_RELEASE);
     }
     return n;

@@ -21,8 +21,8 @@
 #define IXYD_PKT_HEADROOM 128   /* data[] starts 128 bytes into every pool entry */
 #define IXYD_TX_CLEAN_BATCH 32  /* TX buffers are reclaimed 32 at a time (DPDK tx_rs_thresh) */
 #define IXYD_MAX_BATCH 256      /* largest batch ixyd_forward and a worker accept */
-#define IXYD_RXE_82599 0x20000000    /* RXE, bit 29 (nic-facts B.2); on the 82576 bit 29 is L4E */
-#define IXYD_RXE_82576 0x80000000    /* RXE, bit 31 (nic-facts C.3) */
+#define IXYD_RXE_82599 0x20000000    /* RXE, bit 29 (docs/reference/82599.md#rx-descriptors); 82576: L4E */
+#define IXYD_RXE_82576 0x80000000    /* RXE, bit 31 (docs/reference/82576.md#descriptors) */
 
 /* Header of one pool entry, in DMA memory. The device sees only data[]. */
 struct ixyd_pkt {

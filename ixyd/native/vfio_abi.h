@@ -9,7 +9,7 @@
  * Helpers:
  *  - ixyd_vfio_ioctl: ioctl(2) that returns -errno instead of -1, so the caller never
  *    races another thread for errno, and the GIL is released for slow calls (MAP_DMA
- *    pins pages: 10-17 ms for 2 MiB in the test guest, vm-recipe.md 8).
+ *    pins pages: 10-17 ms for 2 MiB in the test guest, docs/reference/vfio-guest.md#timings).
  *  - ixyd_vfio_read32 / ixyd_vfio_write32: one aligned volatile 32-bit load or store to a
  *    mapped BAR (device.py: every register access is exactly one such access).
  *  - ixyd_vfio_mmap / ixyd_vfio_munmap: map a device region MAP_SHARED; NULL on failure.
