@@ -57,7 +57,8 @@ RING = 512  # descriptors per ring (ixy's default)
 CONFIG = PortConfig(rx_ring=RING, tx_ring=RING, link_timeout=2.0)
 BATCH_SIZES = (1, 8, 32, 64)
 CALLGRIND_FUNCTION = "ixyd_forward_iterations"  # the only toggle: nested toggles cancel out
-# ixy C and ixy.rs, instructions per packet at batch 32 (anchors.md section 1)
+# ixy C and ixy.rs, instructions per packet at batch 32
+# (docs/reference/peers.md#instructions-per-packet)
 ANCHORS = {"ixy C (b=32)": 127, "ixy.rs (b=32)": 209}
 
 
@@ -320,7 +321,7 @@ def bench_callgrind(packets: int) -> list[Row]:
             )
     for name, value in ANCHORS.items():
         rows.append(
-            Row("b", f"anchor: {name}", value, unit="instr", note="anchors.md 1, perf counters")
+            Row("b", f"anchor: {name}", value, unit="instr", note="peers.md, perf counters")
         )
     return rows
 
@@ -379,7 +380,7 @@ def _wait_until_stable(read, interval: float = 0.05, timeout: float = 5.0) -> No
 
 # --------------------------------------------------------------------------- d. Python API
 
-RX_DD, RX_EOP, RX_RXE = 0x1, 0x2, 0x20000000  # RX write-back status (nic-facts B.2)
+RX_DD, RX_EOP, RX_RXE = 0x1, 0x2, 0x20000000  # RX write-back status (82599.md#rx-descriptors)
 TX_CMD_DATA = 0x00300000 | 0x01000000 | 0x02000000 | 0x20000000  # DTYP_DATA | EOP | IFCS | DEXT
 TX_CMD_RS, TX_DD, TX_PAYLEN_SHIFT = 0x08000000, 0x1, 14
 TX_CLEAN_BATCH = 32

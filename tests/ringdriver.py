@@ -1,6 +1,6 @@
 """A minimal 82599 ring driver for testing the model from the datasheet's point of view.
 
-Written from nic-facts.md directly, independent of ixyd/drivers: it exercises the model
+Written from docs/reference/82599.md directly, independent of ixyd/drivers: it exercises the model
 the way any driver would (reset, link, one RX and one TX queue, advanced descriptors).
 Register offsets are written out here on purpose.
 """

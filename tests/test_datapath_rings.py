@@ -1,10 +1,11 @@
 """Ring logic of the native datapath, with the device side emulated here in Python.
 
 The emulated device works on the descriptor bytes exactly as the datasheet lays them out
-(nic-facts B.1-B.5), independently of the C definitions: it receives into the descriptors
-from RDH up to (not including) RDT, writes payload, then length and status; it sends the
-descriptors from TDH up to TDT and writes DD back only where RS is set (WTHRESH = 0).
-Memory comes from ffi.new; the real device model is exercised by the integration tests.
+(docs/reference/82599.md#rx-descriptors .. #ring-mechanics), independently of the C
+definitions: it receives into the descriptors from RDH up to (not including) RDT, writes
+payload, then length and status; it sends the descriptors from TDH up to TDT and writes DD
+back only where RS is set (WTHRESH = 0). Memory comes from ffi.new; the real device model is
+exercised by the integration tests.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 import pytest
 from ixyd._datapath import ffi, lib
 
-# descriptor bits, nic-facts B.2-B.4
+# descriptor bits, docs/reference/82599.md#rx-descriptors and #tx-descriptors
 RX_DD, RX_EOP, RX_RXE = 0x1, 0x2, 0x20000000
 TX_DTYP_DATA = 0x00300000
 TX_EOP = 0x01000000
@@ -86,7 +87,7 @@ class Rx:
         self.slots = ffi.new("struct ixyd_pkt *[]", size)
         self.q = ffi.new("struct ixyd_rxq *")
         assert lib.ixyd_rxq_init(self.q, self.ring_ptr, self.rdt, self.slots, pool.mp, size) == 0
-        # what the driver does after enabling the queue (nic-facts B.5)
+        # what the driver does after enabling the queue (docs/reference/82599.md#ring-mechanics)
         self.rdh, self.rdt[0] = 0, size - 1
         self.out = ffi.new("struct ixyd_pkt *[]", 256)
 

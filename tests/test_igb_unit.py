@@ -142,7 +142,7 @@ def test_bits_that_differ_from_the_82599_are_the_82576_ones():
     assert r.DCTL_THRESH_MASK == 0x1F != ixgbe_registers.TXDCTL_THRESH_MASK
     assert (r.RXD_ERR_L4E, r.RXD_ERR_IPE, r.RXD_ERR_RXE) == (1 << 29, 1 << 30, 1 << 31)
     assert r.MRQC_ENABLE_RSS == 0x2 and r.RCTL_EN == 0x2 and r.RCTL_SECRC == 1 << 26
-    assert r.TIPG_COPPER == 0x00702008  # the value vm-recipe §7 verified on QEMU
+    assert r.TIPG_COPPER == 0x00702008  # verified on QEMU (docs/reference/82576.md#tx-set-up)
     assert r.RSS_DEFAULT_KEY == INTEL_DEFAULT_KEY
 
 

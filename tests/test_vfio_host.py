@@ -32,7 +32,8 @@ from ixyd.vfio import (
     parse_iova_ranges,
 )
 
-# What a 6.12 guest with QEMU's VT-d reported (vm-recipe.md 6, step 4).
+# What a 6.12 guest with QEMU's VT-d reported
+# (docs/reference/vfio-guest.md#vfio-ioctl-sequence, step 4).
 GUEST_RANGES = [(0x0, 0xFEDFFFFF), (0xFEF00000, 0xFFFFFFFFFFFF)]
 GUEST_PGSIZES = 0x40201000  # 4 KiB | 2 MiB | 1 GiB
 MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)
@@ -74,7 +75,7 @@ def info_buffer(ranges, *, other_cap_first=True, caps=True) -> bytearray:
 
 # ------------------------------------------------------------------ the ABI module
 def test_ioctl_numbers_are_the_kernels_io_semicolon_100_plus_n():
-    """The compiler's values agree with the documented ABI (vm-recipe.md 6): _IO(';', 100+n)."""
+    """The compiler's values agree with the documented ABI (vfio-guest.md): _IO(';', 100+n)."""
 
     def io(n):
         return (ord(";") << 8) | (100 + n)

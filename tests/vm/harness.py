@@ -1,15 +1,16 @@
 """Run a command as root inside a QEMU guest with a virtual Intel IOMMU and two igb NICs.
 
-The guest is the one of /work/shared/reference/vm-recipe.md: QEMU (TCG) q35 with
-`intel-iommu` (DMA and interrupt remapping), two emulated igb (82576, 8086:10c9) behind
-their own PCIe root ports, joined back to back by a QEMU hub, and a Debian kernel that
-boots straight into this host's own userland: the host's root is the guest's root,
-read-only over 9p, so the repo, its .venv and the compiled modules are at the same paths.
+The guest is the one of docs/reference/vfio-guest.md (the #marks below name its headings):
+QEMU (TCG) q35 with `intel-iommu` (DMA and interrupt remapping), two emulated igb (82576,
+8086:10c9) behind their own PCIe root ports, joined back to back by a QEMU hub, and a Debian
+kernel that boots straight into this host's own userland: the host's root is the guest's
+root, read-only over 9p, so the repo, its .venv and the compiled modules are at the same
+paths.
 
     ensure_host()       install QEMU and build the guest kernel + initramfs (cached)
     run_in_guest(cmd)   boot, run cmd as root (cwd = repo root), power off -> GuestResult
 
-Guest PCI topology (recipe §5; fixed by the QEMU command line below, the same every boot):
+Guest PCI topology (#pci-topology; fixed by the QEMU command line below, the same every boot):
 
     BDF            MAC                 QEMU device      IOMMU group
     0000:02:00.0   52:54:00:00:00:01   igb on rp1       its own (7 observed)
@@ -86,7 +87,7 @@ IGB_PORTS_SHARED_GROUP = (
 # so slots 1 and 2 would clash ("slot 18 function 0 not available for igbvf"); 1 and 3 don't.
 SHARED_GROUP_SLOTS = (1, 3)
 
-# Host packages (recipe §1). QEMU >= 10 comes from bookworm-backports, pinned per package:
+# Host packages (#host-packages). QEMU >= 10 comes from bookworm-backports, pinned per package:
 # `-t bookworm-backports` would also upgrade systemd and udev on the host.
 BACKPORTS = "bookworm-backports"
 QEMU_PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "seabios")
@@ -98,11 +99,11 @@ BACKPORTS_SOURCE = Path("/etc/apt/sources.list.d/ixyd-bookworm-backports.sources
 QEMU = "qemu-system-x86_64"
 QBOOT = Path("/usr/share/qemu/qboot.rom")  # fastest firmware; enters the ELF kernel via PVH
 
-# Modules the initramfs needs to mount the 9p root (recipe §3); built-in ones are skipped.
+# Modules the initramfs needs to mount the 9p root (#initramfs); built-in ones are skipped.
 INITRAMFS_MODULE_TARGETS = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 BUSYBOX_APPLETS = "sh mount umount insmod switch_root mkdir cat echo poweroff".split()  # /init's
 
-# Payload magics inside a vmlinuz (recipe §2): zstd for 6.12, xz for 6.1.
+# Payload magics inside a vmlinuz (#guest-kernel): zstd for 6.12, xz for 6.1.
 KERNEL_PAYLOAD_MAGICS = (b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00")
 
 # /init of the initramfs: load the 9p modules, mount the host root read-only, hand over
@@ -465,7 +466,7 @@ def _unpack_deb(deb: Path, target: Path) -> None:
 
 
 def _extract_vmlinux(vmlinuz: Path, vmlinux: Path) -> None:
-    """Decompresses the kernel payload of a bzImage into an ELF vmlinux (recipe §2).
+    """Decompresses the kernel payload of a bzImage into an ELF vmlinux (#guest-kernel).
 
     The decompressors exit non-zero because of the data after the payload; the output is
     still complete, so it is judged by its ELF magic, not by the exit code.
@@ -631,7 +632,7 @@ def _decompress_module(source: Path, target: Path) -> None:
 def qemu_command(
     host: VmHost, share: Path, kernel_args: Sequence[str], topology: str = "default"
 ) -> list[str]:
-    """The QEMU command line of recipe §4, with `share` as the guest's writable `out` tag.
+    """The QEMU command line of #qemu-command-line, with `share` as the guest's writable `out` tag.
     Keep the order of the devices: it decides the guest's PCI addresses (IGB_PORTS, or
     IGB_PORTS_SHARED_GROUP for topology="shared-group")."""
     if topology not in TOPOLOGIES:

@@ -1,5 +1,6 @@
 """Raw VFIO smoke test, run inside the test guest: the legacy type1 container/group API
-from plain Python (fcntl.ioctl, struct, mmap), as in vm-recipe.md §6.
+from plain Python (fcntl.ioctl, struct, mmap), as in
+docs/reference/vfio-guest.md#vfio-ioctl-sequence.
 
 Binds 0000:01:00.0 (the igb with MAC 52:54:00:00:00:02) to vfio-pci, opens the container
 and its group, checks the group is viable, selects type1v2, reads the IOMMU's valid IOVA
