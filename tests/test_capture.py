@@ -1,4 +1,4 @@
-"""Packet capture (issue 6, item 4): the worker's mirror ring, the capture session that
+"""Packet capture: the worker's mirror ring, the capture session that
 turns it into pcap, streaming over the control socket, and `ixyd-ctl capture` against a
 real daemon with the file read by real tshark.
 

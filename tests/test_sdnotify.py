@@ -1,4 +1,5 @@
-"""The daemon's sd_notify messages (issue 7, item 2), read from a real `ixyd` process.
+"""The daemon's sd_notify messages (READY, STATUS, WATCHDOG, RELOADING, STOPPING), read
+from a real `ixyd` process.
 
 The test plays systemd's part: it binds the AF_UNIX datagram socket that $NOTIFY_SOCKET
 names and reads what the daemon sends there: READY=1 with a STATUS= once it runs, STATUS=

@@ -1,4 +1,4 @@
-"""End to end against a real `ixyd` process (issue 5, item 8): real kernel traffic through
+"""End to end against a real `ixyd` process: real kernel traffic through
 tap mode, bad input on the real control socket, an unauthorized peer, and a clean SIGTERM.
 
 Every test starts its own daemon (`python -m ixyd.service`) with its socket and state in a

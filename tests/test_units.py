@@ -1,10 +1,11 @@
-"""The systemd units and `ixyd-host` (issue 7, items 1 and 3), without booting systemd.
+"""The systemd units and `ixyd-host` (install, verify, prepare, release), without booting systemd.
 
 - `ixyd-host install --root` writes the units, sysusers.d, tmpfiles.d and the udev rule
   into a scratch root and applies them offline (systemd-sysusers/-tmpfiles --root).
 - `systemd-analyze verify` on the installed template under an instance name with colons
-  (ecosystem.md 3.7: FILE:ALIAS, --man=no, and any stderr is a failure since parse errors
-  only warn), and `systemd-analyze security --offline=yes` with an exposure of at most 3.0.
+  (docs/reference/systemd.md#verifying-units-without-booting: FILE:ALIAS, --man=no, and
+  any stderr is a failure since parse errors only warn), and `systemd-analyze security
+  --offline=yes` with an exposure of at most 3.0.
 - `ixyd-host prepare` / `release` against a fake sysfs (test_pci.FakeKernel): the
   privileged ExecStartPre=+ binds to vfio-pci and hands /dev/vfio/<group> to the daemon's
   group; the daemon's own bind_vfio on the bound device then only checks; release gives it

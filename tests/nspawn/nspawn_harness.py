@@ -12,7 +12,8 @@ writes only to a fresh overlay upper directory, which is thrown away afterwards.
 
 The host has no system bus, so the container is started with `--register=no
 --keep-unit` (no machined) and driven with nsenter into its namespaces instead of
-`machinectl shell` / `systemd-run -M` (ecosystem.md 3.8).
+`machinectl shell` / `systemd-run -M`
+(docs/reference/systemd.md#nspawn-on-machines-without-a-system-bus).
 
 Run by hand from the repo root (boots, runs the command inside, powers off):
     .venv/bin/python tests/nspawn/nspawn_harness.py -- systemctl status

@@ -1,4 +1,4 @@
-"""ixyd under a real systemd 252 (issue 7, item 4; issue 5's journal fields).
+"""ixyd under a real systemd 252: the installed units, their lifecycle, the journal fields.
 
 One container for the module (conftest.py): Debian bookworm with this checkout's wheel in
 /opt/ixyd, the units installed with `ixyd-host install` (the README's deploy command), and

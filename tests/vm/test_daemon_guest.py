@@ -1,4 +1,4 @@
-"""The daemon on real VFIO devices (issue #5): `ixyd` takes the guest's two igb ports from
+"""The daemon on real VFIO devices: `ixyd` takes the guest's two igb ports from
 the kernel's igb driver, `ixyd-ctl` sees them running with the link up at 1000 Mb/s,
 frames generated on one port are reflected by the other through the data path, and
 SIGTERM stops it cleanly, giving both ports back to igb, without a DMAR fault.

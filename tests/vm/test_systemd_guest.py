@@ -1,4 +1,4 @@
-"""ixyd under real systemd on real VFIO (issue #7 item 5): in a guest booted with systemd as
+"""ixyd under real systemd on real VFIO: in a guest booted with systemd as
 init, `ixyd-host install` sets the host up, `systemctl start ixyd@<address>` binds both igb
 ports to vfio-pci and runs the daemon as user ixyd, which forwards frames between the two
 ports and serves the socket-activated control socket and the metrics endpoint;

@@ -1,4 +1,4 @@
-"""The daemon on real VFIO devices (issue #5): `ixyd` runs an instance of the guest's two igb
+"""The daemon on real VFIO devices: `ixyd` runs an instance of the guest's two igb
 ports (taken from the kernel's igb driver), `ixyd-ctl` queries and steers it over the control
 socket, frames go through the data path, and SIGTERM gives both ports back to igb.
 

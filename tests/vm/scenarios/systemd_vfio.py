@@ -1,4 +1,4 @@
-"""ixyd under real systemd on real VFIO (issue #7 item 5): `systemctl start ixyd@<address>`
+"""ixyd under real systemd on real VFIO: `systemctl start ixyd@<address>`
 binds the guest's two igb ports to vfio-pci, runs the daemon as user ixyd, forwards frames
 between the ports, serves control and metrics; `systemctl stop` gives the ports back to igb.
 
