@@ -75,7 +75,8 @@ def info_buffer(ranges, *, other_cap_first=True, caps=True) -> bytearray:
 
 # ------------------------------------------------------------------ the ABI module
 def test_ioctl_numbers_are_the_kernels_io_semicolon_100_plus_n():
-    """The compiler's values agree with the documented ABI (vfio-guest.md): _IO(';', 100+n)."""
+    """The compiler's values agree with the documented ABI: _IO(';', 100+n)
+    (docs/reference/vfio-guest.md#vfio-ioctl-sequence)."""
 
     def io(n):
         return (ord(";") << 8) | (100 + n)

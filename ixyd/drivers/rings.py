@@ -2,8 +2,9 @@
 
 Family-independent: the 82599 and the 82576 share the advanced descriptor formats
 (docs/reference/82576.md#descriptors), so a driver only says where a queue's tail register
-is and how big things are. Every cffi object the C code points into (structs, free stacks, slot arrays)
-is owned by a Python object here, so nothing is collected while native code uses it.
+is and how big things are. Every cffi object the C code points into (structs, free stacks,
+slot arrays) is owned by a Python object here, so nothing is collected while native code
+uses it.
 Native workers get the struct pointers (`RxQueue.pointer`, `TxQueue.pointer`,
 `Mempool.pointer`); the Python `rx_batch`/`tx_batch` wrappers are for tests and slow paths.
 
