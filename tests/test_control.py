@@ -21,7 +21,7 @@ import threading
 import time
 
 import pytest
-from hosttools import NOBODY, run_as
+from hosttools import NOBODY, run_as, wait_until
 
 from ixyd.activation import ActivationError, _listen_fds_from_environment
 from ixyd.control import (
@@ -203,14 +203,6 @@ def close_clients():
 def error_of(reply):
     assert "error" in reply, reply
     return reply["error"]
-
-
-def wait_until(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------- the protocol

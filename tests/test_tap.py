@@ -22,8 +22,16 @@ import urllib.request
 import uuid
 
 import pytest
-from hosttools import network_namespaces, python_in, run_in, wait_until
-from test_service_e2e import BIN, CABLED_CONFIG, Daemon, assert_clean_exit
+from hosttools import (
+    BIN,
+    CABLED_CONFIG,
+    Daemon,
+    assert_clean_exit,
+    network_namespaces,
+    python_in,
+    run_in,
+    wait_until,
+)
 
 from ixyd.drivers.config import PortConfig
 from ixyd.drivers.ixgbe import IxgbePort

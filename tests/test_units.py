@@ -26,7 +26,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from test_pci import FakeKernel, bind, make_device
+from hosttools import FakeKernel, bind, make_device
 
 import ixyd.config
 import ixyd.host
