@@ -211,34 +211,53 @@ def assert_clean_exit(d: Daemon) -> None:
 
 # ---------------------------------------------------------------------------- raw clients
 class Client:
+    """A raw client of a control socket: bytes in, lines out. Every client is closed after
+    its test (conftest)."""
+
+    opened: list[Client] = []
+
     def __init__(self, path, timeout=5.0):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        Client.opened.append(self)
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
         self.buffer = b""
+        self.next_id = 1
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def reply(self):
-        """The next reply line as JSON, or None when the server closed the connection."""
+    def line(self) -> bytes:
+        """The next line, or b'' at EOF (what is left of an unfinished last line)."""
         while b"\n" not in self.buffer:
             try:
                 chunk = self.sock.recv(65536)
             except ConnectionResetError:
-                return None
+                chunk = b""
             if not chunk:
-                return None
+                rest, self.buffer = self.buffer, b""
+                return rest
             self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return json.loads(line)
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
 
-    def call(self, method, params=None, request_id=1):
+    def reply(self):
+        """The next reply line as JSON, or None when the server closed the connection."""
+        line = self.line()
+        return json.loads(line) if line.endswith(b"\n") else None
+
+    def request(self, request) -> object:
+        self.send(json.dumps(request).encode() + b"\n")
+        return self.reply()
+
+    def call(self, method, params=None, request_id=None):
+        """A request with `request_id`, or else the next of 1, 2, 3..."""
+        if request_id is None:
+            request_id, self.next_id = self.next_id, self.next_id + 1
         request = {"jsonrpc": "2.0", "id": request_id, "method": method}
         if params is not None:
             request["params"] = params
-        self.send(json.dumps(request).encode() + b"\n")
-        return self.reply()
+        return self.request(request)
 
     def closed_by_server(self) -> bool:
         try:
