@@ -167,13 +167,15 @@ class Daemon:
                 pytest.fail(f"ixyd did not start: {self.proc.communicate()[0]}")
             time.sleep(0.05)
 
-    def ctl(self, *args: str, check: bool = True, **run) -> subprocess.CompletedProcess:
+    def ctl(
+        self, *args: str, check: bool = True, timeout: float = 15, **run
+    ) -> subprocess.CompletedProcess:
         done = subprocess.run(
             [str(BIN / "ixyd-ctl"), "-i", self.instance, *args],
             env=self.env,
             capture_output=True,
             text=True,
-            timeout=15,
+            timeout=timeout,
             **run,
         )
         if check:
