@@ -354,7 +354,7 @@ def test_frames_a_down_tap_refuses_are_counted_and_their_buffers_come_home(path)
 
 
 # --------------------------------------------------------------------------- the daemon
-# The same path run by a real ixyd (tests/test_service_e2e.py's Daemon) on two model ports
+# The same path run by a real ixyd (hosttools.Daemon) on two model ports
 # joined by a cable, steered with ixyd-ctl: what an administrator sees.
 
 
