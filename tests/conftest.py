@@ -21,8 +21,17 @@ def run_dir():
 
 @pytest.fixture
 def daemons():
-    """Daemons a test starts (test_service_e2e.Daemon): killed afterwards if still running."""
+    """Daemons a test starts (hosttools.Daemon): killed afterwards if still running."""
     started = []
     yield started
     for d in started:
         d.kill()
+
+
+@pytest.fixture(autouse=True)
+def close_clients():
+    """Raw control-socket clients (hosttools.Client) a test opened: closed afterwards."""
+    yield
+    hosttools = sys.modules.get("hosttools")  # loaded by the tests that use it
+    while hosttools and hosttools.Client.opened:
+        hosttools.Client.opened.pop().close()

@@ -7,8 +7,10 @@ Register offsets are written out here on purpose.
 
 from __future__ import annotations
 
+import functools
 import struct
-import time
+
+from hosttools import wait_until
 
 CTRL, EEC, RDRXCTL, RXCTRL, HLREG0, FCTRL, DMATXCTL, AUTOC, LINKS = (
     0x0,
@@ -39,12 +41,7 @@ def tx(q: int, reg: int) -> int:
     return 0x6000 + 0x40 * q + reg
 
 
-def wait_for(predicate, timeout: float = 2.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.0005)
+wait_for = functools.partial(wait_until, timeout=2.0, interval=0.0005)  # the model steps fast
 
 
 def reset(dev) -> None:

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import pytest
-from hosttools import as_nobody
-from test_service_e2e import (
+from hosttools import (
+    as_nobody,
     BIN,
     OPS_GID,
     Daemon,

@@ -21,7 +21,7 @@ import threading
 import time
 
 import pytest
-from hosttools import NOBODY, run_as
+from hosttools import NOBODY, Client, run_as, wait_until
 
 from ixyd.activation import ActivationError, _listen_fds_from_environment
 from ixyd.control import (
@@ -140,77 +140,9 @@ def serve(run_dir, calls):
         server.close()
 
 
-class Client:
-    """A raw client: bytes in, lines out. Every client is closed after its test."""
-
-    opened: list[Client] = []
-
-    def __init__(self, path, timeout=5.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        Client.opened.append(self)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.buffer = b""
-        self.next_id = 1
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        """The next line, or b'' at EOF."""
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                rest, self.buffer = self.buffer, b""
-                return rest
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line + b"\n"
-
-    def reply(self):
-        line = self.line()
-        assert line, "the server closed the connection"
-        return json.loads(line)
-
-    def request(self, request) -> object:
-        self.send(json.dumps(request).encode() + b"\n")
-        return self.reply()
-
-    def call(self, method, params=None):
-        request = {"jsonrpc": "2.0", "id": self.next_id, "method": method}
-        if params is not None:
-            request["params"] = params
-        self.next_id += 1
-        return self.request(request)
-
-    def closed_by_server(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self):
-        self.sock.close()
-
-
-@pytest.fixture(autouse=True)
-def close_clients():
-    yield
-    while Client.opened:
-        Client.opened.pop().close()
-
-
 def error_of(reply):
     assert "error" in reply, reply
     return reply["error"]
-
-
-def wait_until(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------- the protocol

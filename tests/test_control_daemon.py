@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_service_e2e import RATE, Daemon
+from hosttools import RATE, Daemon
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 

@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from hosttools import wait_until
 from ixyd._datapath import ffi, lib
 
 from ixyd.drivers.config import PortConfig
@@ -12,14 +13,6 @@ from ixyd.forward import ForwardWorker
 from ixyd.model import ModelNic
 
 FAST = dict(reset_delay=0.0005, eeprom_delay=0.0005, link_delay=0.005)
-
-
-def wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 class Bed:

@@ -6,6 +6,7 @@ activation of a real daemon process. Prometheus itself: test_prometheus.py."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -23,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from hosttools import NOBODY
+from hosttools import NOBODY, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from ixyd.config import (
@@ -48,6 +49,8 @@ from ixyd.metrics import (
 )
 from ixyd.model import ModelNic
 from ixyd.service import Instance
+
+wait_for = functools.partial(wait_until, interval=0.05)  # each poll may scrape
 
 REPO = Path(__file__).resolve().parent.parent
 FRAMES = 20_000
@@ -85,14 +88,6 @@ def instance(tmp_path):
     inst = start(tmp_path, rate=5000, frames=FRAMES)
     yield inst
     inst.stop()
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------- what a scrape says

@@ -17,13 +17,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hosttools import FakeKernel, bind, make_device
 
 import ixyd.pci
 from ixyd.pci import (
     NetdevInUseError,
     PciBindError,
     PciDeviceInfo,
-    Sysfs,
     bind_vfio,
     bind_vfio_group,
     check_netdevs_idle,
@@ -33,62 +33,6 @@ from ixyd.pci import (
 )
 
 PORT0, PORT1, BRIDGE = "0000:03:00.0", "0000:03:00.1", "0000:00:01.0"
-
-
-class FakeKernel(Sysfs):
-    """Sysfs on a tmp tree that reacts to writes the way the PCI core does."""
-
-    def __init__(self, root: str, natural_driver: dict[str, str]):
-        super().__init__(root)
-        self.natural_driver = natural_driver  # what drivers_probe binds without an override
-        self.refuse = set()  # drivers whose probe fails
-        self.writes: list[tuple[str, str]] = []
-
-    def write(self, text: str, *parts: str) -> None:
-        super().write(text, *parts)  # the plain file keeps the last value written
-        relative = os.path.join(*parts)
-        self.writes.append((relative, text))
-        if parts[-1] == "unbind":
-            address = text
-            link = self.path("bus", "pci", "devices", address, "driver")
-            os.unlink(link)
-            for name in self.netdevs(address):
-                os.rmdir(self.path("bus", "pci", "devices", address, "net", name))
-        elif relative == os.path.join("bus", "pci", "drivers_probe"):
-            address = text
-            if self.driver(address) is not None:
-                return
-            override = self.read("bus", "pci", "devices", address, "driver_override")
-            driver = override or self.natural_driver.get(address)
-            if (
-                driver
-                and driver not in self.refuse
-                and self.exists("bus", "pci", "drivers", driver)
-            ):
-                bind(self, address, driver)
-
-
-def bind(sysfs: Sysfs, address: str, driver: str) -> None:
-    os.symlink(
-        os.path.join("..", "..", "drivers", driver),
-        sysfs.path("bus", "pci", "devices", address, "driver"),
-    )
-    if driver in ("ixgbe", "igb"):
-        index = int(address[-1])
-        os.makedirs(sysfs.path("bus", "pci", "devices", address, "net", f"ixfake{index}"))
-
-
-def make_device(root, address, *, group, vendor="0x8086", device="0x10fb", cls="0x020000"):
-    dev = root / "bus" / "pci" / "devices" / address
-    dev.mkdir(parents=True)
-    for name, value in (("vendor", vendor), ("device", device), ("class", cls)):
-        (dev / name).write_text(value + "\n")
-    (dev / "driver_override").write_text("(null)\n")
-    if group is not None:
-        members = root / "kernel" / "iommu_groups" / str(group) / "devices"
-        members.mkdir(parents=True, exist_ok=True)
-        (dev / "iommu_group").symlink_to(root / "kernel" / "iommu_groups" / str(group))
-        (members / address).symlink_to(dev)
 
 
 @pytest.fixture(autouse=True)

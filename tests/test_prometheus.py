@@ -10,6 +10,7 @@ the traffic flowing, short enough that the totals settle before the module ends.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,13 +18,14 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
-from test_service_e2e import Daemon
+from hosttools import Daemon, wait_until
+
+wait_for = functools.partial(wait_until, interval=0.1)  # each poll may query Prometheus
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "etc" / "grafana" / "ixyd.json"
@@ -117,14 +119,6 @@ class Prometheus:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -11,72 +11,29 @@ import time
 from pathlib import Path
 
 import pytest
+from hosttools import Daemon
 
-BIN = Path(sys.executable).parent
 FRAMES = 12_000  # per direction
 RATE = 6_000  # frames/s per direction: low enough for a 2-CPU CI box to lose nothing
-START_TIMEOUT = 60  # seconds; a start takes ~1 s, but minutes of CPU starvation happen
 
 
-class Daemon:
-    def __init__(self, tmp: Path, *extra: str):
-        self.tmp = tmp
-        self.env = {**os.environ, "IXYD_RUN_DIR": str(tmp)}
-        self.env.pop("JOURNAL_STREAM", None)
-        self.socket = tmp / "demo.sock"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ixyd.service",
-                "--demo",
-                "--run-dir",
-                str(tmp),
-                "--state-dir",
-                str(tmp),
-                *extra,
-            ],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                pytest.fail(f"ixyd did not start: {self.proc.communicate()[0]}")
-            time.sleep(0.05)
+def demo_daemon(tmp: Path, *extra: str) -> Daemon:
+    """`ixyd --demo` with its socket and state in `tmp`."""
+    return Daemon(str(tmp), ["--demo", *extra])
 
-    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run(
-            [str(BIN / "ixyd-ctl"), "-i", "demo", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        if check:
-            assert done.returncode == 0, done.stderr
-        return done
 
-    def json(self, *args: str) -> dict:
-        return json.loads(self.ctl(*args, "--json").stdout)
-
-    def terminate(self, timeout: float = 10.0) -> tuple[int, str, float]:
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        out = self.proc.communicate(timeout=timeout)[0]
-        return self.proc.returncode, out, time.monotonic() - started
+def stop(d: Daemon) -> tuple[int, str, float]:
+    """SIGTERM: the exit code, the log and how long the stop took."""
+    started = time.monotonic()
+    code = d.terminate()
+    return code, d.log, time.monotonic() - started
 
 
 @pytest.fixture
 def daemon(tmp_path):
-    d = Daemon(tmp_path, "--demo-rate", str(RATE), "--demo-frames", str(FRAMES))
+    d = demo_daemon(tmp_path, "--demo-rate", str(RATE), "--demo-frames", str(FRAMES))
     yield d
-    if d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
+    d.kill()
 
 
 def traffic(d: Daemon) -> dict[str, dict]:
@@ -134,10 +91,10 @@ def test_mode_switches_under_traffic_lose_and_duplicate_nothing(daemon):
 
 
 def test_restart_restores_forwarding_and_sigterm_cleans_up(tmp_path):
-    d = Daemon(tmp_path, "--demo-rate", "1000")
+    d = demo_daemon(tmp_path, "--demo-rate", "1000")
     d.ctl("set-forward", "demo.1", "reflect", "--swap-mac")
     d.ctl("set-promisc", "demo.0", "off")
-    code, out, took = d.terminate()
+    code, out, took = stop(d)
     assert code == 0, out
     assert took < 5
     assert not d.socket.exists()
@@ -145,25 +102,25 @@ def test_restart_restores_forwarding_and_sigterm_cleans_up(tmp_path):
         "mode": "reflect",
         "swap_mac": True,
     }
-    d = Daemon(tmp_path, "--demo-rate", "1000")
+    d = demo_daemon(tmp_path, "--demo-rate", "1000")
     try:
         forward = {p["name"]: p["forward"] for p in d.json("get-forward")["ports"]}
         assert forward["demo.1"] == {"mode": "reflect", "swap_mac": True}
         assert forward["demo.0"] == {"mode": "port", "to": "demo.1"}
         assert [p["promisc"] for p in d.json("ports")["ports"]] == [False, True]
     finally:
-        code, out, _ = d.terminate()
+        code, out, _ = stop(d)
     assert code == 0, out
 
 
 def test_corrupt_state_file_is_set_aside(tmp_path):
     (tmp_path / "demo.json").write_text("{not json")
-    d = Daemon(tmp_path, "--demo-rate", "1000")
+    d = demo_daemon(tmp_path, "--demo-rate", "1000")
     try:
         assert d.json("get-forward")["ports"][0]["forward"] == {"mode": "port", "to": "demo.1"}
         assert (tmp_path / "demo.json.bad").read_text() == "{not json"
     finally:
-        d.terminate()
+        stop(d)
 
 
 def test_state_file_nested_too_deep_for_json_is_set_aside(tmp_path):
@@ -171,12 +128,12 @@ def test_state_file_nested_too_deep_for_json_is_set_aside(tmp_path):
     limit: it crashed the start (and systemd restarted it into the same crash)."""
     deep = '{"version": 1, "ports": {"demo.0": {"forward": ' + "[" * 100_000 + "]" * 100_000
     (tmp_path / "demo.json").write_text(deep + "}}}")
-    d = Daemon(tmp_path, "--demo-rate", "1000")
+    d = demo_daemon(tmp_path, "--demo-rate", "1000")
     try:
         assert d.json("get-forward")["ports"][0]["forward"] == {"mode": "port", "to": "demo.1"}
         assert (tmp_path / "demo.json.bad").read_text() == deep + "}}}"
     finally:
-        code, out, _ = d.terminate()
+        code, out, _ = stop(d)
     assert code == 0, out
 
 
@@ -198,7 +155,7 @@ def test_saved_tap_whose_name_is_taken_is_set_aside_and_the_config_used(tmp_path
     }
     (tmp_path / "demo.json").write_text(json.dumps(saved))
     try:
-        d = Daemon(tmp_path, "--demo-rate", "1000")
+        d = demo_daemon(tmp_path, "--demo-rate", "1000")
         try:
             forward = {p["name"]: p["forward"] for p in d.json("get-forward")["ports"]}
             assert forward["demo.0"] == {"mode": "port", "to": "demo.1"}  # the configuration's
@@ -208,7 +165,7 @@ def test_saved_tap_whose_name_is_taken_is_set_aside_and_the_config_used(tmp_path
             assert state == {"demo.0": {"promisc": False}, "demo.1": saved["ports"]["demo.1"]}
             assert json.loads((tmp_path / "demo.json.bad").read_text()) == saved
         finally:
-            code, out, _ = d.terminate()
+            code, out, _ = stop(d)
         assert code == 0, out
         assert f"interface {taken!r} already exists" in out
     finally:
@@ -221,7 +178,7 @@ def test_saved_tap_whose_name_is_taken_is_set_aside_and_the_config_used(tmp_path
 def test_tap_mode_hands_frames_to_the_kernel_and_its_tap_lives_as_long_as_the_instance(
     tmp_path,
 ):
-    d = Daemon(tmp_path, "--demo-rate", "2000")
+    d = demo_daemon(tmp_path, "--demo-rate", "2000")
     ifname = f"ixyt{os.getpid() % 10000}"
     try:
         d.ctl("set-forward", "demo.0", "tap", ifname)
@@ -241,7 +198,7 @@ def test_tap_mode_hands_frames_to_the_kernel_and_its_tap_lives_as_long_as_the_in
         d.ctl("set-forward", "demo.0", "tap", ifname)
         assert Path(f"/sys/class/net/{ifname}").exists()  # made anew
     finally:
-        code, out, _ = d.terminate()
+        code, out, _ = stop(d)
     assert code == 0, out
     assert not Path(f"/sys/class/net/{ifname}").exists()
 
@@ -304,39 +261,16 @@ forward = {forward}
 def test_sighup_applies_what_the_file_changed_and_keeps_other_runtime_changes(tmp_path):
     path = tmp_path / "lab.toml"
     path.write_text(LAB_CONFIG.format(promisc="true", forward='{ mode = "port", to = "lab.0" }'))
-    env = {**os.environ, "IXYD_RUN_DIR": str(tmp_path)}
-    env.pop("JOURNAL_STREAM", None)
-    args = ["--config", str(path), "--run-dir", str(tmp_path), "--state-dir", str(tmp_path)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ixyd.service", "lab", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    d = Daemon(str(tmp_path), ["lab", "--config", str(path)], "lab")
 
     def ctl(*a: str) -> dict:
-        done = subprocess.run(
-            [str(BIN / "ixyd-ctl"), "-i", "lab", "--json", *a],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
+        return d.json(*a)
 
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (tmp_path / "lab.sock").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"ixyd did not start: {proc.communicate()[0]}")
-            time.sleep(0.05)
         ctl("set-forward", "lab.0", "reflect")  # a runtime change to a key the file keeps
         # the file changes lab.1's forwarding and promiscuous mode, not lab.0's
         path.write_text(LAB_CONFIG.format(promisc="false", forward='"drop"'))
-        proc.send_signal(signal.SIGHUP)
+        d.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while True:
             ports = {p["name"]: p for p in ctl("ports")["ports"]}
@@ -350,9 +284,8 @@ def test_sighup_applies_what_the_file_changed_and_keeps_other_runtime_changes(tm
         saved = json.loads((tmp_path / "lab.json").read_text())["ports"]
         assert saved["lab.1"]["forward"] == {"mode": "drop"} and saved["lab.1"]["promisc"] is False
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=10)[0]
-    assert proc.returncode == 0, out
+        code, out, _ = stop(d)
+    assert code == 0, out
     assert "applied: lab.1 forward" in out
 
 
@@ -362,25 +295,10 @@ def test_reload_method_answers_and_a_refused_file_keeps_the_running_configuratio
     call with the reason and the running configuration stays; a good one is applied."""
     path = tmp_path / "lab.toml"
     path.write_text(LAB_CONFIG.format(promisc="true", forward='{ mode = "port", to = "lab.0" }'))
-    env = {**os.environ, "IXYD_RUN_DIR": str(tmp_path)}
-    env.pop("JOURNAL_STREAM", None)
-    args = ["--config", str(path), "--run-dir", str(tmp_path), "--state-dir", str(tmp_path)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ixyd.service", "lab", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    d = Daemon(str(tmp_path), ["lab", "--config", str(path)], "lab")
 
     def ctl(*a: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "ixyd-ctl"), "-i", "lab", "--timeout", "20", *a],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        return d.ctl("--timeout", "20", *a, check=False, timeout=30)
 
     def forward_of_lab1() -> dict:
         done = ctl("--json", "get-forward", "lab.1")
@@ -394,12 +312,6 @@ def test_reload_method_answers_and_a_refused_file_keeps_the_running_configuratio
         good.replace("rx_ring = 256", "rx_ring = 128", 1): "restart the instance",
     }
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not (tmp_path / "lab.sock").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"ixyd did not start: {proc.communicate()[0]}")
-            time.sleep(0.05)
         for text, reason in refused.items():
             path.write_text(text)
             done = ctl("reload")
@@ -413,6 +325,5 @@ def test_reload_method_answers_and_a_refused_file_keeps_the_running_configuratio
         status = json.loads(ctl("--json", "status").stdout)
         assert status["state"] == "running"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=10)[0]
-    assert proc.returncode == 0, out
+        code, out, _ = stop(d)
+    assert code == 0, out

@@ -8,14 +8,9 @@ Needs root (namespaces, TAP, clients forked as `nobody`).
 
 from __future__ import annotations
 
-import contextlib
 import grp  # noqa: F401  (ixyd-ctl's lazy imports, loaded before forking as nobody)
-import io
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,154 +18,31 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hosttools import as_nobody, network_namespaces, python_in, run_in, wait_until
-
-from ixyd import ctl
+from hosttools import (
+    CABLED_CONFIG,
+    MAPPINGS_AT_EXIT,
+    OPS_GID,
+    RATE,
+    Client,
+    Daemon,
+    as_nobody,
+    assert_clean_exit,
+    code,
+    ctl_main,
+    network_namespaces,
+    python_in,
+    raw_call,
+    run_in,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
-BIN = Path(sys.executable).parent
-OPS_GID = 4242  # the control socket's group in the authorization test (nobody may join it)
-RATE = 2_000  # demo frames/s per direction: traffic that must keep flowing
-MAPPINGS_AT_EXIT = re.compile(r"model card (\S+): (\d+) DMA mappings at exit, (\d+) remain")
-
-# Two model ports joined by a cable (their wires face each other, no traffic generator).
-CABLED_CONFIG = """\
-instance = "{instance}"
-state_dir = "{state_dir}"
-
-[[port]]
-address = "demo.0"
-backend = "model"
-wire = "cable:demo.1"
-forward = "drop"
-link_timeout = 0.2  # its cable peer is not initialised yet
-
-[[port]]
-address = "demo.1"
-backend = "model"
-forward = "drop"
-"""
-
-
-class Daemon:
-    """A real ixyd process; `ctl()` runs ixyd-ctl against it."""
-
-    def __init__(self, run_dir: str, argv: list[str], instance: str = "demo"):
-        self.run_dir = run_dir
-        self.instance = instance
-        self.socket = Path(run_dir) / f"{instance}.sock"
-        self.env = {**os.environ, "IXYD_RUN_DIR": run_dir}
-        self.env.pop("JOURNAL_STREAM", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ixyd.service", *argv]
-            + ["--run-dir", run_dir, "--state-dir", run_dir],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.log = ""
-        deadline = time.monotonic() + 60  # ~1 s normally; allow for a starved CPU
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                pytest.fail(f"ixyd did not start: {self.proc.communicate()[0]}")
-            time.sleep(0.05)
-
-    def ctl(self, *args: str, check: bool = True, **run) -> subprocess.CompletedProcess:
-        done = subprocess.run(
-            [str(BIN / "ixyd-ctl"), "-i", self.instance, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=15,
-            **run,
-        )
-        if check:
-            assert done.returncode == 0, (args, done.stderr)
-        return done
-
-    def json(self, *args: str) -> dict:
-        return json.loads(self.ctl("--json", *args).stdout)
-
-    def counters(self) -> dict[str, dict[str, int]]:
-        return {p["name"]: p["counters"] for p in self.json("stats")["ports"]}
-
-    def terminate(self, timeout: float = 15.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        self.log = self.proc.communicate(timeout=timeout)[0]
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.log = self.proc.communicate()[0]
-
 
 @pytest.fixture
 def demo(run_dir, daemons) -> Daemon:
     d = Daemon(run_dir, ["--demo", "--demo-rate", str(RATE), "--demo-frames", "0"])
     daemons.append(d)
     return d
-
-
-def assert_clean_exit(d: Daemon) -> None:
-    """SIGTERM: exit 0, the socket gone, every model DMA mapping released (the daemon's log)."""
-    assert d.terminate() == 0, d.log
-    assert not d.socket.exists(), "stale control socket left behind"
-    found = MAPPINGS_AT_EXIT.findall(d.log)
-    assert found, d.log
-    for card, held, left in found:  # the ports unmapped everything; nothing was left over
-        assert (int(held), int(left)) == (0, 0), (card, d.log)
-    assert "Traceback" not in d.log and " ERROR " not in d.log, d.log
-    assert f"instance {d.instance} stopped" in d.log
-
-
-# ---------------------------------------------------------------------------- raw clients
-class Client:
-    def __init__(self, path, timeout=5.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.buffer = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self):
-        """The next reply line as JSON, or None when the server closed the connection."""
-        while b"\n" not in self.buffer:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                return None
-            if not chunk:
-                return None
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return json.loads(line)
-
-    def call(self, method, params=None, request_id=1):
-        request = {"jsonrpc": "2.0", "id": request_id, "method": method}
-        if params is not None:
-            request["params"] = params
-        self.send(json.dumps(request).encode() + b"\n")
-        return self.reply()
-
-    def closed_by_server(self) -> bool:
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def code(reply) -> int:
-    assert reply is not None and "error" in reply, reply
-    return reply["error"]["code"]
 
 
 # ---------------------------------------------------------------------------- 1. tap mode
@@ -534,38 +406,6 @@ def test_bad_input_gets_errors_and_the_daemon_and_its_traffic_carry_on(demo):
 
 
 # ---------------------------------------------------------------------------- 3. authorization
-def ctl_main(d: Daemon, *args: str):
-    """An action for as_nobody: ixyd-ctl's main() on the daemon's socket -> (code, out, err)."""
-
-    def action():
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = ctl.main(["--socket", str(d.socket), *args])
-            except SystemExit as exc:
-                code = exc.code
-        return [code, out.getvalue(), err.getvalue()]
-
-    return action
-
-
-def raw_call(d: Daemon, method: str, params: dict):
-    """An action for as_nobody: one JSON-RPC call on a raw connection -> the reply, or
-    "EACCES" when the socket's permissions refuse the connection."""
-
-    def action():
-        try:
-            client = Client(d.socket)
-        except PermissionError:
-            return "EACCES"
-        try:
-            return client.call(method, params, request_id=7)
-        finally:
-            client.close()
-
-    return action
-
-
 def test_unauthorized_peers_are_refused_and_group_members_may_only_read(run_dir, daemons):
     # the run directory hands its group to the socket, as RuntimeDirectory + Group= would
     os.chown(run_dir, 0, OPS_GID)

@@ -22,8 +22,16 @@ import urllib.request
 import uuid
 
 import pytest
-from hosttools import network_namespaces, python_in, run_in, wait_until
-from test_service_e2e import BIN, CABLED_CONFIG, Daemon, assert_clean_exit
+from hosttools import (
+    BIN,
+    CABLED_CONFIG,
+    Daemon,
+    assert_clean_exit,
+    network_namespaces,
+    python_in,
+    run_in,
+    wait_until,
+)
 
 from ixyd.drivers.config import PortConfig
 from ixyd.drivers.ixgbe import IxgbePort
@@ -346,7 +354,7 @@ def test_frames_a_down_tap_refuses_are_counted_and_their_buffers_come_home(path)
 
 
 # --------------------------------------------------------------------------- the daemon
-# The same path run by a real ixyd (tests/test_service_e2e.py's Daemon) on two model ports
+# The same path run by a real ixyd (hosttools.Daemon) on two model ports
 # joined by a cable, steered with ixyd-ctl: what an administrator sees.
 
 

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from hosttools import wait_until
 from ixyd._datapath import ffi, lib
 
 from ixyd.drivers.config import PortConfig
@@ -31,16 +32,6 @@ CONFIG = PortConfig(rx_ring=256, tx_ring=256, pool_size=1024, link_timeout=2)
 NO_DROP = PortConfig(rx_ring=512, tx_ring=4096, pool_size=8192, link_timeout=2, drop_en=False)
 SEQ_OFFSET = 52  # where the model's traffic frames carry their 64-bit sequence number
 PEER_MAC = bytes.fromhex("02000000bb01")
-
-
-def wait_until(predicate, timeout=30.0, what="condition", detail=None):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"timed out waiting for {what}" + (f": {detail()}" if detail else "")
-            )
-        time.sleep(0.002)
 
 
 class Bed:

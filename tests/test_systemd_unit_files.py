@@ -6,7 +6,7 @@
   (docs/reference/systemd.md#verifying-units-without-booting: FILE:ALIAS, --man=no, and
   any stderr is a failure since parse errors only warn), and `systemd-analyze security
   --offline=yes` with an exposure of at most 3.0.
-- `ixyd-host prepare` / `release` against a fake sysfs (test_pci.FakeKernel): the
+- `ixyd-host prepare` / `release` against a fake sysfs (hosttools.FakeKernel): the
   privileged ExecStartPre=+ binds to vfio-pci and hands /dev/vfio/<group> to the daemon's
   group; the daemon's own bind_vfio on the bound device then only checks; release gives it
   back; an instance of model ports is a no-op.
@@ -27,7 +27,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from test_pci import FakeKernel, bind, make_device
+from hosttools import FakeKernel, bind, make_device
 
 import ixyd.config
 import ixyd.host
