@@ -42,6 +42,8 @@ from ixyd.model import ModelNic  # noqa: E402
 from ixyd.tap import TapBridge, TapInterface  # noqa: E402
 from ixyd.worker import ForwardingTable, Worker  # noqa: E402
 
+from bench import open_ports, windows  # noqa: E402  (benchmarks/bench.py, beside this)
+
 FRAME_SIZE = 60  # bytes without FCS: the smallest frame, the most frames per second
 CONFIG = PortConfig(rx_ring=512, tx_ring=512, link_timeout=2.0)
 
@@ -83,25 +85,6 @@ def median_row(name: str, rates: list[float], unit: str = "kframes/s") -> str:
     return f"  {name:<44} {statistics.median(k):9.1f}  ({min(k):.1f}..{max(k):.1f}) {unit}"
 
 
-def windows(read, count: int, seconds: float) -> list[float]:
-    rates = []
-    for _ in range(count):
-        c0, t0 = read(), time.perf_counter()
-        time.sleep(seconds)
-        c1, t1 = read(), time.perf_counter()
-        rates.append((c1 - c0) / (t1 - t0))
-    return rates
-
-
-def open_ports(nic: ModelNic) -> tuple[IxgbePort, IxgbePort]:
-    a = IxgbePort(nic.ports[0], replace(CONFIG, link_timeout=0))  # its peer is not up yet
-    b = IxgbePort(nic.ports[1], CONFIG)
-    for port in (a, b):
-        if not port.wait_for_link(CONFIG.link_timeout):
-            raise RuntimeError(f"{port.dev.address}: link did not come up")
-    return a, b
-
-
 def bench_worker(n: int, seconds: float) -> list[float]:
     """The worker forwarding A -> B, fed by the model's generator at full rate. (Its CPU
     time says nothing: it busy-polls whether frames come or not.)"""
@@ -109,7 +92,7 @@ def bench_worker(n: int, seconds: float) -> list[float]:
     try:
         generator = nic.attach_traffic(nic.ports[0])
         nic.attach_traffic(nic.ports[1])
-        a, b = open_ports(nic)
+        a, b = open_ports(nic, CONFIG)
         table = ForwardingTable()
         worker = Worker(table, [a.rx_queues[0]], [b.tx_queues[0]])
         table.set(a.rx_queues[0], "port", tx=b.tx_queues[0])
@@ -144,7 +127,7 @@ def bench_bridge(n: int, seconds: float, senders: int) -> dict:
     procs: list[subprocess.Popen] = []
     try:
         nic.connect(*nic.ports)
-        a, b = open_ports(nic)
+        a, b = open_ports(nic, CONFIG)
         rxq, txq = a.rx_queues[0], a.tx_queues[0]
         table = ForwardingTable()
         worker = Worker(table, [rxq], [txq], exception_queues=[rxq])

@@ -93,12 +93,7 @@ class StateStore:
         settings.pop(key, None)
         if not settings:
             self.ports.pop(port, None)
-        bad = self.path + ".bad"
-        try:
-            os.replace(self.path, bad)
-            kept = f"the file as it was is kept as {bad}"
-        except OSError as exc:
-            kept = f"could not keep the file as it was: {exc}"
+        kept = self._keep_as_bad()
         try:
             self.save()
         except OSError as exc:
@@ -112,13 +107,18 @@ class StateStore:
             kept,
         )
 
-    def _set_aside(self, problem: Exception) -> None:
+    def _keep_as_bad(self) -> str:
+        """Move the file as it is to <path>.bad (replacing an older one); says what became
+        of it, for the log. Never raises."""
         bad = self.path + ".bad"
         try:
             os.replace(self.path, bad)
-            kept = f"kept as {bad}"
+            return f"the file as it was is kept as {bad}"
         except OSError as exc:
-            kept = f"could not move it aside: {exc}"
+            return f"could not keep the file as it was: {exc}"
+
+    def _set_aside(self, problem: Exception) -> None:
+        kept = self._keep_as_bad()
         log.warning(
             "state file %s is unusable (%s); ignoring it, starting from the configuration (%s)",
             self.path,
